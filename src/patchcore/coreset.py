@@ -1,0 +1,126 @@
+"""Greedy k-center coreset selection (the paper's Alg. 1) on a random projection, exact and fast.
+
+The textbook loop costs one pass over all N points per selected centre: for the bottle category at 10 %
+that is 21,000 passes over 214,000 x 128 floats, minutes on two cores. We compute the very same selection
+but skip most of the work: points are grouped into small chunks of nearby points (k-means cells), and a chunk
+whose points all lie closer to the selection than the new centre can possibly be (triangle inequality
+through the chunk's anchor) is never touched. Early on every block is updated; once the coreset covers the
+bank, each new centre updates only the chunks around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+import torch
+
+Progress = Callable[[int, int], None]
+
+
+def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
+    """Project (N, D) features to (N, dim) with a seeded Gaussian matrix (Johnson-Lindenstrauss).
+
+    Features no wider than ``dim`` are returned as float32 unchanged. Done in chunks so float16 banks are
+    never copied whole to float32.
+    """
+    n, d = features.shape
+    if d <= dim:
+        return features.float()
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(d, dim, generator=g) / dim ** 0.5
+    return torch.cat([features[i:i + chunk].float() @ proj for i in range(0, n, chunk)])
+
+
+def _chunks(z: torch.Tensor, chunk: int, seed: int, cell: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group points into chunks of nearby points, for pruning.
+
+    Returns the (C, chunk) layout of point indices (-1 for padding), the k-means centroids, each chunk's
+    centroid (its anchor) and each point's distance to its anchor. Inside a k-means cell points are
+    sorted by that distance, so every chunk holds points at a similar distance from its anchor, which keeps
+    the pruning bound tight.
+    """
+    n, d = z.shape
+    k = max(1, n // cell)
+    x = np.ascontiguousarray(z.numpy(), dtype=np.float32)
+    if k > 1:
+        # Cells of ~512 points, trained on 32 a cell, then every point assigned: ~1.5 s for 200k points.
+        km = faiss.Kmeans(d, k, niter=8, seed=seed, max_points_per_centroid=32, verbose=False)
+        km.train(x)
+        centroids = torch.from_numpy(km.centroids.copy())
+        _, lab = km.index.search(x, 1)
+        labels = torch.from_numpy(lab[:, 0].astype(np.int64))
+    else:
+        centroids = z.mean(0, keepdim=True)
+        labels = torch.zeros(n, dtype=torch.long)
+    ecc = (z - centroids.index_select(0, labels)).norm(dim=1)
+    order = torch.from_numpy(np.lexsort((ecc.numpy(), labels.numpy())))
+    sizes = torch.bincount(labels, minlength=len(centroids))
+    per_cell = -(-sizes // chunk)  # chunks per k-means cell
+    slots = torch.full((int(per_cell.sum()) * chunk,), -1, dtype=torch.long)
+    cell_start = torch.cumsum(sizes, 0) - sizes
+    slot_start = (torch.cumsum(per_cell, 0) - per_cell) * chunk
+    lab_sorted = labels[order]
+    rank = torch.arange(n) - cell_start[lab_sorted]
+    slots[slot_start[lab_sorted] + rank] = order
+    layout = slots.reshape(-1, chunk)
+    return layout, centroids, labels[layout[:, 0]], ecc
+
+
+def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, chunk: int = 16,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center, starting from a seeded random point.
+
+    Each step adds the point farthest from the current selection, exactly as the plain loop would (ties
+    aside); the pruning only skips distance computations that cannot change anything.
+    """
+    z = z.float().contiguous()
+    N, d = z.shape
+    if not 1 <= n <= N:
+        raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
+    start = int(torch.randint(N, (1,), generator=torch.Generator().manual_seed(seed)))
+    layout, centroids, cell, ecc = _chunks(z, chunk, seed)
+    csq = (centroids * centroids).sum(1)
+    valid = layout >= 0
+    idx = layout.clamp(min=0)
+    # index_select, not z[idx]: advanced indexing takes a far slower path on CPU here.
+    zc = z.index_select(0, idx.flatten()).reshape(*idx.shape, d)  # padding rows repeat point 0, masked below
+    sq = (zc * zc).sum(2)
+    ecc_c = ecc.index_select(0, idx.flatten()).reshape(idx.shape)
+    inf = torch.tensor(float("inf"))
+    # mind: distance of each point to the selection; padding is -inf so it is never picked.
+    mind = torch.where(valid, inf, -inf)
+    # A chunk is untouched by centre c when |c - anchor| >= max(mind + ecc) over it (triangle inequality).
+    bound = mind.amax(1)
+    best = mind.amax(1)  # per chunk, the farthest point's distance
+    where = torch.empty(N, dtype=torch.long)
+    flat = layout.flatten()
+    where[flat[flat >= 0]] = torch.nonzero(flat >= 0).squeeze(1)
+    pos = int(where[start])
+    chosen = torch.empty(n, dtype=torch.long)
+    step = max(1, n // 100)
+    for i in range(n):
+        b, s = divmod(pos, chunk)
+        chosen[i] = layout[b, s]
+        c = zc[b, s]
+        to_cell = (csq - 2.0 * (centroids @ c) + sq[b, s]).clamp_(min=0.0).sqrt_()
+        todo = torch.nonzero(to_cell[cell] < bound).squeeze(1)
+        d2 = sq[todo] - 2.0 * (zc.index_select(0, todo) @ c) + sq[b, s]
+        upd = torch.minimum(mind[todo], d2.clamp_(min=0.0).sqrt_())
+        mind[todo] = upd
+        bound[todo] = (upd + ecc_c[todo]).amax(1)
+        best[todo] = upd.amax(1)
+        b = int(best.argmax())
+        pos = b * chunk + int(mind[b].argmax())
+        if progress is not None and ((i + 1) % step == 0 or i + 1 == n):
+            progress(i + 1, n)
+    return chosen
+
+
+def coverage_radius(z: torch.Tensor, chosen: torch.Tensor) -> float:
+    """The largest distance from any point to its nearest chosen point: what the greedy step minimises."""
+    index = faiss.IndexFlatL2(z.shape[1])
+    index.add(np.ascontiguousarray(z[chosen].numpy(), dtype=np.float32))
+    dist, _ = index.search(np.ascontiguousarray(z.numpy(), dtype=np.float32), 1)
+    return float(np.sqrt(max(float(dist.max()), 0.0)))

@@ -1,0 +1,48 @@
+"""From backbone feature maps to one locally aware patch feature per position (the paper's Sec. 3.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def aggregate_neighbourhood(fmap: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Average each position's features over its ``size`` x ``size`` neighbourhood.
+
+    count_include_pad=False: at the border only real neighbours are averaged. The paper's code pads with
+    zeros, which shrinks border features towards 0 and makes borders look unusual; since we score the whole
+    image, borders matter.
+    """
+    return F.avg_pool2d(fmap, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def _pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling over the channel axis of a (P, C) matrix, as the paper's code reduces dims."""
+    return F.adaptive_avg_pool1d(x[:, None, :], dim)[:, 0, :]
+
+
+def patch_features(fmaps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
+    """Turn the tapped maps of a batch into patch features of shape (N, h, w, D).
+
+    Every map is aggregated over its 3x3 neighbourhood and bilinearly upsampled to the grid of the first
+    (shallowest) map. Where the concatenated width exceeds ``target_dim``, each layer is first pooled to
+    ``target_dim`` channels and the stack is pooled again to ``target_dim``, as in the paper's code, so every
+    layer weighs the same; narrower features are kept whole (pooling them up would only repeat channels).
+    """
+    n, _, h, w = fmaps[0].shape
+    maps = []
+    for f in fmaps:
+        f = aggregate_neighbourhood(f.float())
+        if f.shape[-2:] != (h, w):
+            f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+        maps.append(f.permute(0, 2, 3, 1).reshape(n * h * w, -1))
+    if sum(m.shape[1] for m in maps) > target_dim:
+        feats = _pool_channels(torch.cat([_pool_channels(m, target_dim) for m in maps], dim=1), target_dim)
+    else:
+        feats = torch.cat(maps, dim=1)
+    return feats.reshape(n, h, w, -1)
+
+
+def feature_dim(channels: list[int], target_dim: int) -> int:
+    """The width of the patch features for layers with these channel counts."""
+    return target_dim if sum(channels) > target_dim else sum(channels)
