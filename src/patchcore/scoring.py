@@ -30,8 +30,9 @@ def reweighted_score(bank: MemoryBank, patch: np.ndarray, patch_score: float, nn
     """The image score of Eq. 7: s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*.
 
     ``patch`` is m_test* (the test patch with the largest score s*), ``nn_index`` its nearest bank feature m*;
-    N_b(m*) are the b nearest bank features of m*, m* itself included (so the fraction is at most 1). A test
-    patch whose nearest nominal feature is itself a rare one (far from its neighbours) is down-weighted.
+    N_b(m*) are the b nearest bank features of m*, m* itself included (so the fraction is at most 1). When m*
+    sits in a dense part of the bank the weight is about 1 - 1/b; when m* is itself a rare nominal feature
+    (its neighbours are far away) the weight approaches 1, so such patches are scored higher, relatively.
     With b = 1 the weight would always be 0, so b = 1 means "no reweighting": s = s*.
     """
     if num_neighbors <= 1:

@@ -1,0 +1,70 @@
+"""Greedy k-center coreset: identical to the plain loop, seeded, and covering the bank better as it grows."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcore.coreset import coverage_radius, greedy_coreset, random_projection
+
+
+def naive_greedy(z: torch.Tensor, n: int, start: int) -> list[int]:
+    """The textbook loop: one full distance pass per selected point."""
+    mind = torch.full((len(z),), float("inf"), dtype=torch.float64)
+    z64, pos, out = z.double(), start, []
+    for _ in range(n):
+        out.append(pos)
+        mind = torch.minimum(mind, (z64 - z64[pos]).norm(dim=1))
+        pos = int(mind.argmax())
+    return out
+
+
+def clustered(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, d, generator=g) * 5
+    return centres[torch.randint(8, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_points=st.integers(20, 3000), frac=st.floats(0.01, 0.5), seed=st.integers(0, 10_000))
+def test_same_selection_as_the_plain_loop(n_points, frac, seed):
+    z = clustered(n_points, 16, seed)
+    n = max(1, int(n_points * frac))
+    got = greedy_coreset(z, n, seed=seed).tolist()
+    ref = naive_greedy(z, n, start=got[0])
+    # Same points in the same order; with float ties a swap could happen, so compare the radius too.
+    assert got == ref or coverage_radius(z, torch.tensor(got)) == pytest.approx(
+        coverage_radius(z, torch.tensor(ref)), rel=1e-5)
+
+
+def test_larger_coresets_cover_better_on_real_like_data():
+    z = clustered(20_000, 32, 0)
+    radii = [coverage_radius(z, greedy_coreset(z, int(len(z) * r), seed=0)) for r in (0.001, 0.01, 0.05, 0.25)]
+    assert all(a > b for a, b in zip(radii, radii[1:]))
+    # k-center greedy is a 2-approximation: its radius is at most twice any set's, e.g. a random one.
+    rand = torch.randperm(len(z), generator=torch.Generator().manual_seed(1))[:200]
+    assert radii[1] <= 2 * coverage_radius(z, rand)
+
+
+def test_seeded_and_distinct():
+    z = clustered(5000, 16, 3)
+    a, b = greedy_coreset(z, 300, seed=7), greedy_coreset(z, 300, seed=7)
+    assert torch.equal(a, b)
+    assert len(set(a.tolist())) == 300
+    assert not torch.equal(a, greedy_coreset(z, 300, seed=8))
+    with pytest.raises(ValueError):
+        greedy_coreset(z, 0)
+
+
+def test_projection_is_seeded_and_keeps_narrow_features():
+    x = torch.randn(1000, 300)
+    p = random_projection(x, 128, seed=0)
+    assert p.shape == (1000, 128) and torch.equal(p, random_projection(x, 128, seed=0))
+    assert torch.allclose(random_projection(x.half(), 128, seed=0), random_projection(x.half().float(), 128, 0))
+    narrow = torch.randn(10, 64)
+    assert torch.equal(random_projection(narrow, 128), narrow)
+    # Johnson-Lindenstrauss: pairwise distances roughly kept
+    d0 = torch.pdist(x[:100])
+    d1 = torch.pdist(p[:100])
+    assert float((d1 / d0).mean()) == pytest.approx(1.0, abs=0.05)

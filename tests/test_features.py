@@ -1,0 +1,31 @@
+"""Patch features: 3x3 neighbourhood mean, bilinear upsampling of the deeper map, reduction only when wide."""
+
+import torch
+import torch.nn.functional as F
+
+from patchcore.features import aggregate_neighbourhood, feature_dim, patch_features
+
+
+def test_neighbourhood_mean_inside_and_at_borders():
+    x = torch.randn(1, 2, 5, 6)
+    y = aggregate_neighbourhood(x)
+    assert torch.allclose(y[0, :, 2, 3], x[0, :, 1:4, 2:5].mean(dim=(1, 2)), atol=1e-6)
+    # corners average the 4 real neighbours, not zero padding
+    assert torch.allclose(y[0, :, 0, 0], x[0, :, :2, :2].mean(dim=(1, 2)), atol=1e-6)
+
+
+def test_narrow_features_are_concatenated_whole():
+    a, b = torch.randn(2, 40, 8, 8), torch.randn(2, 112, 4, 4)
+    f = patch_features([a, b], target_dim=1024)
+    assert f.shape == (2, 8, 8, 152) and feature_dim([40, 112], 1024) == 152
+    assert torch.allclose(f[..., :40], aggregate_neighbourhood(a).permute(0, 2, 3, 1), atol=1e-6)
+    up = F.interpolate(aggregate_neighbourhood(b), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(f[..., 40:], up.permute(0, 2, 3, 1), atol=1e-6)
+
+
+def test_wide_features_are_pooled_with_equal_weight_per_layer():
+    a, b = torch.randn(1, 512, 4, 4), torch.randn(1, 1024, 2, 2)
+    f = patch_features([a, b], target_dim=1024)
+    assert f.shape == (1, 4, 4, 1024) and feature_dim([512, 1024], 1024) == 1024
+    # as in the paper's code: each layer pooled to 1024, then the pair pooled to 1024 -> first half layer 2
+    assert torch.allclose(f[0, 1, 1, :512], aggregate_neighbourhood(a)[0, :, 1, 1], atol=1e-5)
