@@ -43,6 +43,11 @@ class Prediction:
         """True when the score reaches the model's threshold; None when the model has no threshold."""
         return None if self.threshold is None else bool(self.score >= self.threshold)
 
+    @property
+    def normalized_score(self) -> float | None:
+        """score / threshold: the threshold sits at 1.0 whatever the product; None without a threshold."""
+        return None if not self.threshold else float(self.score) / float(self.threshold)
+
 
 @dataclass
 class _Fitted:

@@ -1,0 +1,855 @@
+"""The ``patchcore`` command: fit, predict, evaluate, info.
+
+Exit codes: 0 success; 1 an error in the input (missing paths, unreadable images, a bad model file,
+results already present, ...), reported as one line ``error: ...`` on stderr; 2 a wrong command line
+(unknown option, missing argument), reported by the argument parser; 130 interrupted.
+
+``--json`` prints one JSON document on stdout and nothing else there (progress and warnings go to
+stderr); ``--quiet`` prints nothing but errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import csv
+import functools
+import hashlib
+import json
+import shutil
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import ImageError, PatchCoreError
+
+APP_HELP = (
+    "PatchCore visual anomaly detection from the shell.\n\n"
+    "Typical job: `patchcore fit GOOD_IMAGES -o model.safetensors` fits on good images and calibrates a "
+    "pass/fail threshold on held-out good ones; `patchcore predict model.safetensors NEW_IMAGES -o out` writes "
+    "per image the score, verdict, heat map and defect mask, plus summary.csv / summary.json; "
+    "`patchcore evaluate MVTEC_CATEGORY -o eval --report` measures a setting on labelled data.\n\n"
+    "Exit codes: 0 ok, 1 bad input (one line 'error: ...' on stderr), 2 wrong command line.")
+
+app = typer.Typer(help=APP_HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+RESULT_DIRS = ("maps", "overlays", "masks")
+RESULT_FILES = ("summary.csv", "summary.json", "report.html", "results.json", "results.csv")
+GOOD_FOLDER_NAMES = {"good", "ok", "normal", "pass"}
+
+
+class CliError(PatchCoreError):
+    """A command-line mistake found by the CLI itself (reported like every PatchCoreError)."""
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+def _handles_errors(fn):
+    """Report PatchCoreError / OSError as one line on stderr and exit 1; Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except PatchCoreError as e:
+            _fail(str(e))
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{where}{e.strerror or e}")
+        except MemoryError:
+            _fail("out of memory; use fewer or smaller images, a smaller --coreset-ratio or --batch-size")
+        except KeyboardInterrupt:
+            err_console.print("error: interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _fail(message: str) -> None:
+    line = " ".join(str(message).split())  # always one line
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+    raise typer.Exit(1)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if np.isfinite(f) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+STAGE_LABELS = {"features": "extracting features", "coreset": "selecting coreset", "scoring": "scoring",
+                "defects": "scoring defect images"}
+
+
+class _Progress:
+    """Rich progress bars on stderr, one per stage; ``callback(stage, done, total)`` feeds them."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.prefix = ""
+        self.scoring_label = "scoring"
+        self._bar: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self._bar = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 console=err_console, transient=False)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def stage(self, scoring_label: str) -> None:
+        """Start fresh bars (e.g. 'calibrating' for the next scoring pass)."""
+        self.scoring_label = scoring_label
+        self._tasks = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self._bar is None:
+            return
+        if stage == "category":
+            self._tasks = {}
+            return
+        label = self.scoring_label if stage == "scoring" else STAGE_LABELS.get(stage, stage)
+        desc = f"{self.prefix}{label}"
+        task = self._tasks.get(stage)
+        if task is None:
+            task = self._tasks[stage] = self._bar.add_task(desc, total=total)
+        self._bar.update(task, completed=done, total=total, description=desc)
+
+
+def _hash_rank(seed: int, name: str) -> bytes:
+    return hashlib.sha256(f"{seed}/{name}".encode()).digest()
+
+
+def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Deterministic (fit, holdout) split of good images: depends only on file names and the seed."""
+    n_hold = int(round(len(paths) * fraction))
+    ranked = sorted(paths, key=lambda p: _hash_rank(seed, p.name))
+    hold = set(ranked[:n_hold])
+    return [p for p in paths if p not in hold], [p for p in paths if p in hold]
+
+
+def good_images_of(data: Path) -> tuple[list[Path], str]:
+    """The good images of DATA: a folder of images, an MVTec category (train/good) or a folder layout (good/)."""
+    from .images import list_images
+
+    if not data.exists():
+        raise CliError(f"{data}: no such folder")
+    if not data.is_dir():
+        raise CliError(f"{data}: not a folder; give a folder of good images or a dataset folder")
+    for sub, layout in (("train/good", "MVTec category (train/good)"), ("good", "folder layout (good/)")):
+        if (data / sub).is_dir():
+            found = list_images(data / sub)
+            if not found:
+                raise CliError(f"{data / sub}: holds no images")
+            return found, layout
+    found = list_images(data)
+    if not found:
+        raise CliError(f"{data}: holds no images, and no train/good/ or good/ subfolder")
+    return found, "folder of good images"
+
+
+def _check_model_target(output: Path, overwrite: bool) -> None:
+    if output.is_dir():
+        raise CliError(f"{output} is a folder; give a model file name such as model.safetensors")
+    if output.exists() and not overwrite:
+        raise CliError(f"{output} already exists; choose another name or pass --overwrite")
+    if not output.parent.is_dir():
+        raise CliError(f"{output.parent}: folder does not exist")
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a folder that already holds anything unless --overwrite; then clear our earlier results only."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CliError(f"{out} already holds results (is not empty); choose another folder or pass --overwrite")
+        for d in RESULT_DIRS:
+            if (out / d).is_dir():
+                shutil.rmtree(out / d)
+        for f in RESULT_FILES:
+            if (out / f).is_file():
+                (out / f).unlink()
+    if not out.parent.is_dir():
+        raise CliError(f"{out.parent}: folder does not exist")
+    out.mkdir(exist_ok=True)
+
+
+def _print_skipped(skipped: list[tuple[str, str]], quiet: bool) -> None:
+    if skipped and not quiet:
+        err_console.print(f"skipped {len(skipped)} unreadable image(s):", style="yellow")
+        for name, reason in skipped:
+            err_console.print(f"  {name}: {reason}", markup=False)
+
+
+def _image_error_hint(e: ImageError) -> CliError:
+    return CliError(f"{e}; pass --skip-unreadable to leave unreadable images out (they are listed)")
+
+
+def _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device, batch_size,
+                  backbone_weights) -> dict[str, Any]:
+    p = {"backbone": backbone, "coreset_ratio": coreset_ratio, "preset": preset, "image_size": image_size,
+         "num_neighbors": num_neighbors, "sigma": sigma, "seed": seed, "device": device, "batch_size": batch_size}
+    if backbone_weights is not None:
+        if not backbone_weights.is_file():
+            raise CliError(f"{backbone_weights}: no such weights file")
+        p["backbone_weights"] = str(backbone_weights)
+    return p
+
+
+# ------------------------------------------------------------------------------------------- options
+class ThresholdMethod(str, Enum):
+    quantile = "quantile"
+    gaussian = "gaussian"
+
+
+class ThresholdFrom(str, Enum):
+    far = "far"
+    f1 = "f1"
+
+
+class MapFormat(str, Enum):
+    both = "both"
+    npy = "npy"
+    png = "png"
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress, no table).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
+                                                      "(progress and warnings go to stderr).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing results instead of refusing.")]
+SkipUnreadable = Annotated[bool, typer.Option(
+    "--skip-unreadable", help="Leave out images that cannot be read (they are listed) instead of stopping.")]
+Backbone = Annotated[str, typer.Option(help="Feature extractor: efficientnet_lite0 (offline), "
+                                            "efficientnet_lite1/2, wide_resnet50_2 (the paper's; downloads).")]
+CoresetRatio = Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank (0-1]; "
+                                                  "smaller is faster, 0.01-0.1 is typical.")]
+Preset = Annotated[str, typer.Option(help="Preprocessing: 'full' scores the whole image resized to 256; "
+                                          "'paper' resizes to 256 and centre-crops 224 (borders unseen).")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Side the image is resized to (overrides the preset's "
+                                                       "256); larger sees smaller defects, slower.")]
+NumNeighbors = Annotated[int, typer.Option(help="b of the paper's Eq. 7 score reweighting (1 turns it off).")]
+Sigma = Annotated[float, typer.Option(help="Gaussian smoothing of the anomaly map, in network-input pixels.")]
+Seed = Annotated[int, typer.Option(help="Seed of the coreset and of the holdout split (same seed, same model).")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
+BackboneWeights = Annotated[Optional[Path], typer.Option(help="Local backbone weights file instead of the "
+                                                               "registry's (for offline use).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"patchcore {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- fit
+@app.command()
+@_handles_errors
+def fit(
+    data: Annotated[Path, typer.Argument(help="Good images: a folder of them, an MVTec category (uses "
+                                              "train/good/) or a folder layout (uses good/).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.safetensors).",
+                                         show_default=False)],
+    holdout: Annotated[float, typer.Option(help="Fraction of the good images held out (not fitted on) to "
+                                                "calibrate the threshold; ignored with --validation.")] = 0.2,
+    validation: Annotated[Optional[Path], typer.Option(help="Folder of separate good images to calibrate on; "
+                                                            "then all of DATA is fitted on.")] = None,
+    defects: Annotated[Optional[Path], typer.Option(help="Folder of labelled defective images: adds the "
+                                                         "F1-optimal threshold (with the held-out good ones).")] = None,
+    target_far: Annotated[float, typer.Option(help="Target false-alarm rate on good images, e.g. 0.01 = 1 in "
+                                                   "100 good parts rejected.")] = 0.01,
+    threshold_method: Annotated[ThresholdMethod, typer.Option(
+        help="quantile: empirical quantile of held-out good scores (normal fit when too few images to resolve "
+             "the rate); gaussian: always a normal fit, never below the highest good score.")] = ThresholdMethod.quantile,
+    threshold_from: Annotated[ThresholdFrom, typer.Option(
+        help="Which threshold the model uses: far (target false-alarm rate) or f1 (needs --defects).")
+    ] = ThresholdFrom.far,
+    backbone: Backbone = "efficientnet_lite0",
+    coreset_ratio: CoresetRatio = 0.1,
+    preset: Preset = "full",
+    image_size: ImageSize = None,
+    num_neighbors: NumNeighbors = 9,
+    sigma: Sigma = 4.0,
+    seed: Seed = 0,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    backbone_weights: BackboneWeights = None,
+    skip_unreadable: SkipUnreadable = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Fit a model on good images and calibrate its pass/fail threshold on held-out good images."""
+    from .images import list_images
+    from .model import PatchCore
+    from .thresholds import calibrate
+
+    _check_model_target(output, overwrite)
+    goods, layout = good_images_of(data)
+    if validation is not None:
+        if not validation.is_dir():
+            raise CliError(f"{validation}: no such folder (--validation)")
+        fit_imgs, hold_imgs, source = goods, list_images(validation), f"validation folder {validation}"
+        if len(hold_imgs) < 2:
+            raise CliError(f"{validation}: needs at least 2 good images to calibrate on")
+    else:
+        if not 0.0 < holdout < 1.0:
+            raise CliError(f"--holdout must be between 0 and 1, got {holdout}")
+        fit_imgs, hold_imgs = split_holdout(goods, holdout, seed)
+        source = f"held-out {holdout:g} of {data}"
+        if len(hold_imgs) < 2 or not fit_imgs:
+            raise CliError(f"{len(goods)} good images cannot be split {1 - holdout:g}/{holdout:g} into a fit part "
+                           f"and at least 2 held-out images; add images, change --holdout or give --validation")
+    defect_imgs = None
+    if defects is not None:
+        if not defects.is_dir():
+            raise CliError(f"{defects}: no such folder (--defects)")
+        defect_imgs = list_images(defects)
+        if not defect_imgs:
+            raise CliError(f"{defects}: holds no images (--defects)")
+    if threshold_from == ThresholdFrom.f1 and defect_imgs is None:
+        raise CliError("--threshold-from f1 needs --defects DIR (labelled defective images)")
+    if not 0.0 < target_far < 1.0:
+        raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
+
+    params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
+                           batch_size, backbone_weights)
+    model = PatchCore(**params)
+    t0 = time.perf_counter()
+    try:
+        with _Progress(not quiet) as prog:
+            model.fit(fit_imgs, skip_unreadable=skip_unreadable, progress=prog)
+            skipped = list(model.skipped_)
+            prog.stage("calibrating")
+            cal = calibrate(model, hold_imgs, target_far=target_far, method=threshold_method.value,
+                            defect_images=defect_imgs, threshold_from=threshold_from.value, source=source,
+                            skip_unreadable=skip_unreadable, progress=prog)
+            skipped += list(model.skipped_)
+    except ImageError as e:
+        raise _image_error_hint(e) from None
+    cal.extra.update({"holdout_fraction": None if validation is not None else holdout, "split_seed": seed,
+                      "n_fit_images": int(model.fit_info_["n_images"]), "data": str(data), "layout": layout,
+                      "holdout_images": [p.name for p in hold_imgs]})
+    cal.apply(model)
+    model.save(output, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    info = model.fit_info_
+    warning = None
+    if not cal.resolved and threshold_method == ThresholdMethod.quantile:
+        need = int(np.ceil(1.0 / target_far))
+        warning = (f"{cal.n} held-out good images cannot resolve a {target_far:g} false-alarm rate (needs >= "
+                   f"{need}); the threshold is extrapolated by a normal fit of their scores")
+    summary = {
+        "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
+        "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": source,
+        "n_defect": cal.n_defect, "bank_size": info["bank_size"], "threshold": cal.threshold,
+        "threshold_from": cal.threshold_from, "pixel_threshold": cal.pixel_threshold,
+        "far_threshold": cal.far_threshold, "f1_threshold": cal.f1_threshold, "f1": cal.f1,
+        "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,
+        "holdout_far": cal.holdout_far, "good_score_mean": cal.mean, "good_score_std": cal.std,
+        "good_score_max": cal.max, "seconds": seconds, "params": model.get_params(),
+        "skipped": [{"name": n, "reason": r} for n, r in skipped], "warning": warning,
+    }
+    if json_out:
+        _emit_json(summary)
+    _print_skipped(skipped, quiet or json_out)
+    if warning and not quiet and not json_out:
+        err_console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
+    if quiet or json_out:
+        return
+    t = Table(title=f"model written: {output}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [("good images", f"{len(goods)} ({layout})"),
+            ("fitted on", f"{info['n_images']} images -> memory bank of {info['bank_size']} patches"),
+            ("calibrated on", f"{cal.n} good images ({source})"),
+            ("threshold", f"{cal.threshold:.6g}  (from {'F1 on defects' if cal.threshold_from == 'f1' else 'target false-alarm rate'})"),
+            ("target false-alarm rate", f"{target_far:g}  ({cal.rule})"),
+            ("held-out false-alarm rate", f"{cal.holdout_far:.3f}"),
+            ("good scores", f"mean {cal.mean:.4g}, std {cal.std:.3g}, max {cal.max:.4g}"),
+            ("pixel threshold (masks)", f"{cal.pixel_threshold:.6g}")]
+    if cal.f1_threshold is not None:
+        rows.append(("F1-optimal threshold", f"{cal.f1_threshold:.6g}  (F1 {cal.f1:.3f} on {cal.n} good + "
+                                             f"{cal.n_defect} defective)"))
+    rows.append(("skipped", str(len(skipped))))
+    rows.append(("time", f"{seconds:.1f} s"))
+    for k, v in rows:
+        t.add_row(k, v)
+    out_console.print(t)
+
+
+# ------------------------------------------------------------------------------------------- predict
+def _collect_images(inputs: list[Path]) -> list[Path]:
+    from .images import is_image_file, list_images
+
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for p in inputs:
+        if not p.exists():
+            raise CliError(f"{p}: no such file or folder")
+        if p.is_dir():
+            # A folder of images, or of folders of images (e.g. test/good, test/scratch): one level down,
+            # so a labelled test folder can be predicted (and reported) in one go.
+            found = list_images(p) or [f for sub in sorted(q for q in p.iterdir() if q.is_dir()
+                                                           and not q.name.startswith("."))
+                                       for f in list_images(sub)]
+            if not found:
+                raise CliError(f"{p}: folder holds no images (nor do its subfolders)")
+        elif is_image_file(p):
+            found = [p]
+        else:
+            raise CliError(f"{p}: not an image file (by its extension)")
+        for f in found:
+            r = f.resolve()
+            if r not in seen:
+                seen.add(r)
+                files.append(f)
+    return files
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """Unique file stems for the results: the path relative to the images' common folder, '/' -> '__'."""
+    resolved = [Path(os.path.abspath(f)) for f in files]  # not resolve(): keep the user's (symlinked) folders
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    names = ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
+    if len(set(names)) < len(names):  # same stem, other extension
+        names = ["__".join(r.relative_to(common).parts).replace(".", "_") for r in resolved]
+    return names
+
+
+def folder_labels(files: list[Path]) -> list[int] | None:
+    """Labels from folder names (good/ok/normal/pass = good, anything else = defective) when both occur."""
+    labels = [0 if Path(os.path.abspath(f)).parent.name.lower() in GOOD_FOLDER_NAMES else 1 for f in files]
+    return labels if len(set(labels)) == 2 else None
+
+
+@app.command()
+@_handles_errors
+def predict(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`.",
+                                               show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the results (created; must be "
+                                                                "empty unless --overwrite).", show_default=False)],
+    threshold: Annotated[Optional[float], typer.Option(help="Use this image threshold instead of the model's "
+                                                            "calibrated one (masks scale with it).")] = None,
+    map_format: Annotated[MapFormat, typer.Option(help="Anomaly map files: npy (raw float32), png (16-bit, "
+                                                       "png/65535*2*pixel_threshold = raw) or both.")] = MapFormat.both,
+    report: Annotated[bool, typer.Option("--report", help="Also write OUTPUT/report.html (histogram, gallery; "
+                                                          "ROC when folders name good/defective).")] = False,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    skip_unreadable: SkipUnreadable = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Score images: per image the score, normalised score, verdict, anomaly map, heat-map overlay and mask.
+
+    Writes into OUTPUT: summary.csv and summary.json (one row per image), maps/NAME.npy and maps/NAME.png,
+    overlays/NAME.png (heat map blended on the image, white outline = defect mask) and masks/NAME.png
+    (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
+    """
+    from .images import read_image
+    from .model import PatchCore
+    from .visualize import mask_at, overlay, save_map_png, save_png
+
+    _check_out_parent(output)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"{output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise CliError(f"{output} already holds results (is not empty); choose another folder or pass --overwrite")
+    model = PatchCore.load(model_path, device=device)
+    model.batch_size = batch_size
+    files = _collect_images(images)
+    cal = dict(model.calibration_ or {})
+    if threshold is not None:
+        if threshold <= 0:
+            raise CliError(f"--threshold must be positive, got {threshold}")
+        thr, thr_source = float(threshold), "--threshold"
+        ratio = cal.get("pixel_threshold", thr) / model.threshold_ if model.threshold_ else 1.0
+        pix = thr * ratio
+    elif model.threshold_ is not None:
+        thr = float(model.threshold_)
+        thr_source = f"model ({cal.get('threshold_from', 'far')}: {cal.get('rule', 'calibrated')}, target " \
+                     f"false-alarm rate {cal.get('target_far', '?')})"
+        pix = float(cal.get("pixel_threshold", thr))
+    else:
+        raise CliError(f"{model_path} has no calibrated threshold; refit it with `patchcore fit` or pass --threshold")
+    model.threshold_ = thr
+    names = output_names(files)
+    by_path = {str(f): (f, n) for f, n in zip(files, names)}
+    _prepare_out_dir(output, overwrite)
+    for d in RESULT_DIRS:
+        (output / d).mkdir()
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        with _Progress(not quiet) as prog:
+            for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
+                f, stem = by_path[pred.name]
+                img = read_image(f)
+                amap = pred.anomaly_map
+                row: dict[str, Any] = {"name": stem, "path": str(f), "score": float(pred.score),
+                                       "normalized_score": pred.normalized_score,
+                                       "verdict": "anomalous" if pred.is_anomalous else "good", "threshold": thr,
+                                       "pixel_threshold": pix, "width": int(img.shape[1]),
+                                       "height": int(img.shape[0])}
+                mask = mask_at(amap, pix)
+                row["defect_area_fraction"] = float(mask.mean())
+                if map_format in (MapFormat.npy, MapFormat.both):
+                    np.save(output / "maps" / f"{stem}.npy", amap)
+                    row["map_npy"] = f"maps/{stem}.npy"
+                if map_format in (MapFormat.png, MapFormat.both):
+                    save_map_png(output / "maps" / f"{stem}.png", amap, pix)
+                    row["map_png"] = f"maps/{stem}.png"
+                save_png(output / "overlays" / f"{stem}.png", overlay(img, amap, pix))
+                save_png(output / "masks" / f"{stem}.png", mask)
+                row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
+                rows.append(row)
+    except ImageError as e:
+        raise _image_error_hint(e) from None
+    skipped = list(model.skipped_)
+    seconds = time.perf_counter() - t0
+    if not rows:
+        raise CliError("no readable images to score")
+    n_anom = sum(r["verdict"] == "anomalous" for r in rows)
+    summary = {
+        "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thr_source,
+        "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
+        "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
+        "mask": "map >= pixel_threshold (calibrated like the image threshold, on held-out good maps' maxima)",
+        "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
+        "skipped": [{"name": n, "reason": r} for n, r in skipped], "images": rows,
+    }
+    _write_csv(output / "summary.csv", rows)
+    (output / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    if report:
+        _predict_report(output, model, model_path, summary, files, names, rows)
+        summary["report"] = str(output / "report.html")
+    if json_out:
+        _emit_json(summary)
+    _print_skipped(skipped, quiet or json_out)
+    if quiet or json_out:
+        return
+    _print_predictions(rows, summary, output)
+
+
+def _check_out_parent(output: Path) -> None:
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"{parent}: folder does not exist")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+
+
+def _print_predictions(rows: list[dict[str, Any]], summary: dict[str, Any], output: Path, limit: int = 40) -> None:
+    shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: -r["score"])[:limit]
+    t = Table(title=None if len(rows) <= limit else f"the {limit} highest scores of {len(rows)}")
+    for col, just in (("image", "left"), ("score", "right"), ("normalised", "right"), ("verdict", "left"),
+                      ("defect area", "right")):
+        t.add_column(col, justify=just)
+    for r in shown:
+        style = "bold red" if r["verdict"] == "anomalous" else "green"
+        t.add_row(r["name"], f"{r['score']:.4f}", f"{r['normalized_score']:.3f}",
+                  f"[{style}]{r['verdict']}[/]", f"{r['defect_area_fraction']:.2%}")
+    out_console.print(t)
+    out_console.print(f"{summary['n_images']} images: [bold red]{summary['n_anomalous']} anomalous[/], "
+                      f"[green]{summary['n_good']} good[/] at threshold {summary['threshold']:.6g} "
+                      f"({summary['threshold_source']}); results in {output}", markup=True)
+
+
+def _predict_report(output: Path, model, model_path: Path, summary: dict[str, Any], files: list[Path],
+                    names: list[str], rows: list[dict[str, Any]]) -> None:
+    from .report import build_section, render_html, write_report
+
+    idx = {str(f): i for i, f in enumerate(files)}
+    scored = [idx[r["path"]] for r in rows]
+    scored_files = [files[i] for i in scored]
+    labels = folder_labels(scored_files)
+    pix = summary["pixel_threshold"]
+
+    def get_map(i: int):
+        r = rows[i]
+        if "map_npy" in r:
+            return np.load(output / r["map_npy"])
+        from PIL import Image
+
+        return np.asarray(Image.open(output / r["map_png"]), dtype=np.float32) / 65535.0 * 2.0 * pix
+
+    sec = build_section("Images", [r["path"] for r in rows], [r["score"] for r in rows], labels,
+                        summary["threshold"], "threshold", get_map, pixel_threshold=pix,
+                        defect_types=[Path(os.path.abspath(files[i])).parent.name for i in scored] if labels else None)
+    if labels is not None:
+        sec.notes.append("truth taken from folder names: images in good/ (or ok/, normal/, pass/) are good, "
+                         "all others defective")
+    else:
+        sec.notes.append("no labels (images are not split into good/ and defect folders): no ROC curve")
+    headers = ["images", "anomalous", "good", "threshold", "pixel threshold", "skipped"]
+    vals = [summary["n_images"], summary["n_anomalous"], summary["n_good"], f"{summary['threshold']:.6g}",
+            f"{pix:.6g}", len(summary["skipped"])]
+    if labels is not None:
+        y = np.array(labels, bool)
+        s = np.array([r["score"] for r in rows])
+        headers += ["detected defects", "false alarms"]
+        vals += [f"{int((s[y] >= summary['threshold']).sum())} / {int(y.sum())}",
+                 f"{int((s[~y] >= summary['threshold']).sum())} / {int((~y).sum())}"]
+    cal = model.calibration_ or {}
+    settings = {"model file": str(model_path), "threshold source": summary["threshold_source"],
+                "normalised score": summary["normalized_score"], "mask": summary["mask"],
+                **{k: v for k, v in model.get_params().items()},
+                **{f"calibration {k}": cal[k] for k in ("method", "rule", "target_far", "n", "mean", "std", "max",
+                                                        "holdout_far", "f1_threshold", "source") if k in cal}}
+    page = render_html("PatchCore prediction report", f"{summary['n_images']} images scored with {model_path}",
+                       settings, (headers, [vals]), [sec])
+    write_report(output / "report.html", page, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+@app.command()
+@_handles_errors
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="An MVTec category folder, a folder layout (good/, defect/, "
+                                              "masks/) or an MVTec root holding categories.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for results.json, results.csv "
+                                                                          "and report.html.")] = None,
+    category: Annotated[Optional[list[str]], typer.Option(help="Only this category (repeatable); default all.")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Also write OUTPUT/report.html (needs --output).")] = False,
+    backbone: Backbone = "efficientnet_lite0",
+    coreset_ratio: CoresetRatio = 0.1,
+    preset: Preset = "full",
+    image_size: ImageSize = None,
+    num_neighbors: NumNeighbors = 9,
+    sigma: Sigma = 4.0,
+    seed: Seed = 0,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    backbone_weights: BackboneWeights = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Fit on each category's good training images, score its test set, print image/pixel AUROC, AUPRO, F1."""
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import find_categories
+
+    if report and output is None:
+        raise CliError("--report needs --output FOLDER to write report.html into")
+    if output is not None:
+        _check_out_parent(output)
+        if output.exists() and not output.is_dir():
+            raise CliError(f"{output} exists and is not a folder")
+        if output.is_dir() and any(output.iterdir()) and not overwrite:
+            raise CliError(f"{output} already holds results (is not empty); choose another folder or pass "
+                           f"--overwrite")
+    if not data.exists():
+        raise CliError(f"{data}: no such folder")
+    params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
+                           batch_size, backbone_weights)
+    folders = find_categories(data, category)
+    sections = []
+    merged = None
+    with _Progress(not quiet) as prog:
+        for folder in folders:
+            prog.prefix = f"{folder.name}: " if len(folders) > 1 else ""
+            prog.stage("scoring")
+            # One category at a time, so only one category's maps are held in memory for the report.
+            rep = run_evaluation(data, params, categories=[folder.name], progress=prog, keep_maps=report)
+            res = rep.results[0]
+            if report:
+                sections.append(_evaluation_section(res))
+                res.maps = None
+            if merged is None:
+                merged = rep
+            else:
+                merged.results.append(res)
+                merged.total_seconds += rep.total_seconds
+    assert merged is not None
+    merged.dataset = str(data)
+    if output is not None:
+        _prepare_out_dir(output, overwrite)
+        merged.to_json(output / "results.json", overwrite=True)
+        merged.to_csv(output / "results.csv", overwrite=True)
+        if report:
+            _evaluation_report(output / "report.html", merged, sections)
+    if json_out:
+        d = merged.to_dict()
+        if output is not None:
+            d["files"] = {"json": str(output / "results.json"), "csv": str(output / "results.csv")}
+            if report:
+                d["files"]["report"] = str(output / "report.html")
+        _emit_json(d)
+    if quiet or json_out:
+        return
+    from .evaluate import COLUMNS
+
+    t = Table(title=f"PatchCore on {data}", title_justify="left")
+    for i, (_, head, _) in enumerate(COLUMNS):
+        t.add_column(head, justify="left" if i == 0 else "right")
+    rows = merged.table_rows()
+    for j, r in enumerate(rows):
+        t.add_row(*["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in COLUMNS],
+                  end_section=(j == len(rows) - 2))
+    out_console.print(t)
+    if output is not None:
+        out_console.print(f"results in {output}" + (f" (report: {output / 'report.html'})" if report else ""))
+
+
+def _evaluation_section(res):
+    from .report import build_section
+
+    maps = res.maps
+
+    def get_map(i: int):
+        return None if maps is None else maps[i]
+
+    thr = res.image_f1_threshold
+    sec = build_section(res.name, res.paths, res.scores, res.labels, thr, "F1-optimal threshold", get_map,
+                        pixel_threshold=thr, defect_types=res.defect_types)
+    sec.notes.append("threshold: the F1-optimal one on this test set (evaluation has no held-out calibration); "
+                     "overlays are scaled so that this threshold is the middle of the colour scale")
+    return sec
+
+
+def _evaluation_report(path: Path, rep, sections) -> None:
+    from .evaluate import COLUMNS
+    from .report import render_html, write_report
+
+    headers = [h for _, h, _ in COLUMNS] + ["train", "test", "defective"]
+    rows = []
+    for r, cr in zip(rep.table_rows(), [*rep.results, None]):
+        cells = ["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in COLUMNS]
+        cells += ["", "", ""] if cr is None else [cr.n_train, cr.n_test, cr.n_defect]
+        rows.append(cells)
+    settings = {"dataset": rep.dataset, **rep.params, "preprocessing": rep.preprocessing,
+                "pixel region": rep.pixel_region, "date": rep.date, "patchcore": rep.patchcore_version,
+                "versions": rep.versions, "total seconds": rep.total_seconds}
+    page = render_html("PatchCore evaluation report", f"{len(rep.results)} categor"
+                       f"{'y' if len(rep.results) == 1 else 'ies'} of {rep.dataset}", settings, (headers, rows),
+                       sections)
+    write_report(path, page, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------- info
+@app.command()
+@_handles_errors
+def info(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`.",
+                                               show_default=False)],
+    json_out: JsonOut = False,
+) -> None:
+    """Show a model file's settings, training summary, threshold and calibration."""
+    from .model import PatchCore
+
+    model = PatchCore.load(model_path, device="cpu")
+    cal = dict(model.calibration_ or {})
+    d = {"model": str(model_path), "size_bytes": model_path.stat().st_size, "params": model.get_params(),
+         "fit_info": model.fit_info_, "threshold": model.threshold_, "calibration": cal}
+    if json_out:
+        _emit_json(d)
+        return
+    t = Table(title=f"{model_path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in model.get_params().items():
+        t.add_row(k, str(v))
+    fi = model.fit_info_
+    t.add_row("fitted on", f"{fi.get('n_images')} images, memory bank {fi.get('bank_size')} x "
+                           f"{fi.get('feature_dim')}, {fi.get('fit_seconds', 0):.1f} s")
+    if model.threshold_ is None:
+        t.add_row("threshold", "none (not calibrated: `patchcore predict` needs --threshold)")
+    else:
+        t.add_row("threshold", f"{model.threshold_:.6g} (from {cal.get('threshold_from', '?')})")
+        if "pixel_threshold" in cal:
+            t.add_row("pixel threshold", f"{cal['pixel_threshold']:.6g}")
+        if "target_far" in cal:
+            t.add_row("calibration", f"{cal.get('method')} / {cal.get('rule')}, target false-alarm rate "
+                                     f"{cal['target_far']:g}, {cal.get('n')} good images ({cal.get('source')})")
+            t.add_row("held-out good scores", f"mean {cal['mean']:.4g}, std {cal['std']:.3g}, max {cal['max']:.4g}, "
+                                              f"false-alarm rate at threshold {cal['holdout_far']:.3f}")
+        if cal.get("f1_threshold") is not None:
+            t.add_row("F1-optimal threshold", f"{cal['f1_threshold']:.6g} (F1 {cal['f1']:.3f}, "
+                                              f"{cal.get('n_defect')} defective images)")
+    t.add_row("file size", f"{d['size_bytes'] / 1e6:.2f} MB")
+    out_console.print(t)
+
+
+@app.command()
+@_handles_errors
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Folder to create the demo category in (as FOLDER/disc).")],
+    seed: Annotated[int, typer.Option(help="Random seed of the generated images.")] = 0,
+) -> None:
+    """Generate a small synthetic data set in the MVTec layout (machined discs; scratches, dents, chips).
+
+    Try the whole job on it: `patchcore fit FOLDER/disc -o disc.safetensors`, then
+    `patchcore predict disc.safetensors FOLDER/disc/test -o predictions --report`.
+    """
+    from .demo import make_demo
+
+    cat = make_demo(folder, seed=seed)
+    out_console.print(f"wrote {cat} (train/good, test/<type>, ground_truth/<type>)")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``patchcore``) and ``python -m patchcore``."""
+    # OMP_WAIT_POLICY=PASSIVE is already set by importing patchcore (see __init__.py), before torch loads.
+    app(args=list(sys.argv[1:] if argv is None else argv), prog_name="patchcore")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The `patchcore` command through its real entry point (typer's runner on the app; a few subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import link_images
+from PIL import Image
+from scipy.stats import binom
+from typer.testing import CliRunner
+
+from patchcore.cli import app
+
+FAST = ["--coreset-ratio", "0.01"]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def train_names(bottle, n, step=1):
+    return sorted(p.name for p in (bottle / "train" / "good").iterdir())[::step][:n]
+
+
+@pytest.fixture(scope="module")
+def fitted(bottle, tmp_path_factory):
+    """A model fitted by `patchcore fit` on 20 good bottle images (14 fitted, 6 held out)."""
+    root = tmp_path_factory.mktemp("fit")
+    good = link_images(bottle / "train" / "good", root / "good", train_names(bottle, 20))
+    model = root / "model.safetensors"
+    res = run("fit", good, "-o", model, "--holdout", "0.3", "--target-far", "0.05", "--json",
+              "--defects", link_images(bottle / "test" / "broken_large", root / "defects",
+                                       ["000.png", "001.png", "002.png"]), *FAST)
+    return model, json.loads(res.stdout), good
+
+
+# ------------------------------------------------------------------------------------------------- fit / info
+def test_fit_writes_model_with_calibrated_threshold(fitted):
+    model, summary, _ = fitted
+    assert model.is_file()
+    assert summary["n_fit"] == 14 and summary["n_calibration"] == 6 and summary["n_defect"] == 3
+    assert summary["threshold"] > summary["good_score_max"]  # 6 images cannot resolve 5 %: above all of them
+    assert summary["resolved"] is False and "normal fit" in summary["rule"]
+    assert summary["f1_threshold"] is not None
+    assert summary["warning"] and "cannot resolve" in summary["warning"]
+
+
+def test_info_shows_threshold_and_calibration(fitted):
+    model, summary, _ = fitted
+    d = json.loads(run("info", model, "--json").stdout)
+    assert d["threshold"] == pytest.approx(summary["threshold"])
+    cal = d["calibration"]
+    for key in ("method", "rule", "n", "mean", "std", "quantiles", "target_far", "pixel_threshold", "holdout_images",
+                "f1_threshold"):
+        assert key in cal
+    assert cal["n"] == 6 and cal["target_far"] == 0.05 and len(cal["holdout_images"]) == 6
+    human = run("info", model).stdout
+    assert "threshold" in human and "efficientnet_lite0" in human
+
+
+def test_fit_refuses_existing_model_and_mvtec_layout_uses_train_good(fitted, tmp_path):
+    model, _, good = fitted
+    assert_one_line_error(run("fit", good, "-o", model, *FAST, ok=False), "already exists", "--overwrite")
+    mvtec = tmp_path / "cat"
+    link_images(good, mvtec / "train" / "good", sorted(p.name for p in good.iterdir())[:6])
+    res = run("fit", mvtec, "-o", tmp_path / "m.safetensors", "--holdout", "0.34", "-q", *FAST)
+    assert res.stdout == "" and (tmp_path / "m.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------------- predict
+@pytest.fixture(scope="module")
+def predicted(fitted, bottle, tmp_path_factory):
+    model, _, _ = fitted
+    root = tmp_path_factory.mktemp("pred")
+    imgs = root / "imgs"
+    link_images(bottle / "test" / "good", imgs / "good", ["000.png", "001.png", "002.png"])
+    link_images(bottle / "test" / "broken_large", imgs / "broken_large", ["003.png", "004.png", "005.png"])
+    # An image of another size and aspect ratio, and one named like another folder's.
+    odd = np.asarray(Image.open(bottle / "test" / "broken_large" / "006.png").convert("RGB"))[:, 20:220]
+    (imgs / "odd").mkdir()
+    Image.fromarray(odd).resize((300, 384)).save(imgs / "odd" / "000.png")
+    out = root / "out"
+    res = run("predict", model, imgs / "good", imgs / "broken_large", imgs / "odd" / "000.png", "-o", out,
+              "--report", "--json")
+    return out, json.loads(res.stdout), imgs
+
+
+def test_predict_writes_everything_per_image(predicted):
+    out, summary, _ = predicted
+    rows = summary["images"]
+    assert len(rows) == 7 and summary["n_images"] == 7
+    assert len({r["name"] for r in rows}) == 7  # good/000 and odd/000 do not collide
+    for r in rows:
+        assert r["verdict"] in ("good", "anomalous")
+        assert r["normalized_score"] == pytest.approx(r["score"] / summary["threshold"])
+        assert (r["verdict"] == "anomalous") == (r["score"] >= summary["threshold"])
+        amap = np.load(out / r["map_npy"])
+        png16 = np.asarray(Image.open(out / r["map_png"]))
+        overlay = Image.open(out / r["overlay"])
+        mask = np.asarray(Image.open(out / r["mask"]))
+        assert amap.shape == (r["height"], r["width"]) == png16.shape == mask.shape
+        assert overlay.size == (r["width"], r["height"]) and overlay.mode == "RGB"
+        assert png16.dtype == np.uint16 or Image.open(out / r["map_png"]).mode.startswith("I")
+        assert set(np.unique(mask)) <= {0, 255}
+        assert ((mask > 0) == (amap >= summary["pixel_threshold"])).all()
+        # 16-bit PNG scale as documented in the summary
+        back = png16.astype(np.float64) / 65535 * 2 * summary["pixel_threshold"]
+        np.testing.assert_allclose(np.minimum(amap, 2 * summary["pixel_threshold"]), back,
+                                   atol=2 * summary["pixel_threshold"] / 65535)
+    odd = next(r for r in rows if r["name"].startswith("odd"))
+    assert (odd["width"], odd["height"]) == (300, 384)
+    broken = [r for r in rows if r["name"].startswith("broken_large")]
+    assert all(r["verdict"] == "anomalous" for r in broken)
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 8 and "normalized_score" in csv_lines[0] and "verdict" in csv_lines[0]
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 7
+
+
+def test_predict_report_is_self_contained(predicted):
+    out, _, _ = predicted
+    page = (out / "report.html").read_text()
+    assert "<table" in page and page.count("data:image/png;base64,") >= 6
+    assert "<svg" in page and "AUROC" in page and "threshold" in page
+    assert "<script" not in page and 'src="http' not in page
+
+
+def test_predict_refuses_existing_results_and_overwrite_replaces_them(predicted, fitted):
+    out, _, imgs = predicted
+    model, _, _ = fitted
+    before = (out / "summary.json").read_text()
+    assert_one_line_error(run("predict", model, imgs / "good", "-o", out, ok=False), "already holds results")
+    assert (out / "summary.json").read_text() == before
+    # a human-readable run with --overwrite replaces the earlier results
+    res = run("predict", model, imgs / "good" / "000.png", "-o", out, "--overwrite", "--map-format", "npy")
+    assert "1 images" in res.stdout
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 1
+    assert not (out / "report.html").exists() and len(list((out / "overlays").iterdir())) == 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_paths_and_model_files(fitted, tmp_path):
+    model, _, good = fitted
+    assert_one_line_error(run("fit", tmp_path / "nope", "-o", tmp_path / "m.st", ok=False), "no such folder")
+    assert_one_line_error(run("predict", tmp_path / "nope.safetensors", good, "-o", tmp_path / "o", ok=False),
+                          "no such model file")
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("not a model at all")
+    assert_one_line_error(run("predict", fake, good, "-o", tmp_path / "o", ok=False), "not a patchcore model")
+    assert_one_line_error(run("info", fake, ok=False), "not a patchcore model")
+    assert_one_line_error(run("predict", model, tmp_path / "missing.png", "-o", tmp_path / "o", ok=False),
+                          "no such file")
+    assert_one_line_error(run("evaluate", tmp_path / "nope", ok=False), "no such folder")
+    assert_one_line_error(run("evaluate", good, "--report", ok=False), "--output")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_good_image_is_an_error_unless_skipped(bottle, tmp_path):
+    good = link_images(bottle / "train" / "good", tmp_path / "good", train_names(bottle, 8))
+    (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    res = run("fit", good, "-o", tmp_path / "m.safetensors", "--holdout", "0.3", *FAST, ok=False)
+    assert_one_line_error(res, "broken.png", "--skip-unreadable")
+    assert not (tmp_path / "m.safetensors").exists()
+    res = run("fit", good, "-o", tmp_path / "m.safetensors", "--holdout", "0.3", "--skip-unreadable", "--json", *FAST)
+    summary = json.loads(res.stdout)
+    assert [s["name"] for s in summary["skipped"]] == [str(good / "broken.png")]
+    res = run("fit", good, "-o", tmp_path / "m2.safetensors", "--holdout", "0.3", "--skip-unreadable", *FAST)
+    assert "skipped 1 unreadable" in res.stderr and "broken.png" in res.stderr
+
+
+def test_subprocess_entry_point_help_and_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OMP_WAIT_POLICY", None)
+    res = subprocess.run([sys.executable, "-m", "patchcore", "--help"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and all(c in res.stdout for c in ("fit", "predict", "evaluate", "info"))
+    res = subprocess.run([sys.executable, "-m", "patchcore", "info", str(tmp_path / "none.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip().startswith("error: ")
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_help_explains_options_with_defaults():
+    for cmd, needles in (("fit", ["--holdout", "[default: 0.2]", "--target-far", "--validation", "--defects",
+                                  "--skip-unreadable", "--overwrite", "--json", "--quiet"]),
+                         ("predict", ["--threshold", "--map-format", "--report", "[default: both]"]),
+                         ("evaluate", ["--category", "--report", "--output"]),
+                         ("info", ["--json"])):
+        text = " ".join(run(cmd, "--help").stdout.split())
+        for n in needles:
+            assert n in text, (cmd, n)
+
+
+# -------------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_with_report(bottle, tmp_path):
+    cat = tmp_path / "bottle"
+    link_images(bottle / "train" / "good", cat / "train" / "good", train_names(bottle, 12))
+    link_images(bottle / "test" / "good", cat / "test" / "good", ["000.png", "001.png", "002.png"])
+    link_images(bottle / "test" / "broken_large", cat / "test" / "broken_large", ["000.png", "001.png", "002.png"])
+    link_images(bottle / "ground_truth" / "broken_large", cat / "ground_truth" / "broken_large",
+                ["000_mask.png", "001_mask.png", "002_mask.png"])
+    out = tmp_path / "eval"
+    d = json.loads(run("evaluate", cat, "-o", out, "--report", "--json", *FAST).stdout)
+    (r,) = d["categories"]
+    assert r["category"] == "bottle" and r["n_test"] == 6 and r["image_auroc"] > 0.9
+    assert (out / "results.json").is_file() and (out / "results.csv").is_file()
+    page = (out / "report.html").read_text()
+    assert "image AUROC" in page and "Worst misses" in page and "Worst false alarms" in page
+    assert page.count("data:image/png;base64,") >= 6 and "<svg" in page
+    human = run("evaluate", cat, *FAST).stdout
+    assert "AUROC" in human and "mean" in human and "bottle" in human
+    assert_one_line_error(run("evaluate", cat, "-o", out, *FAST, ok=False), "already holds results")
+
+
+# ----------------------------------------------------------------------------------- threshold on real data
+def test_heldout_threshold_gives_target_false_alarm_rate_on_test_good(bottle, tmp_path):
+    """Fit on 30 good images, calibrate 5 % on 30 others; test/good's (20) false-alarm rate must be plausible.
+
+    Tolerance: the observed count must lie in the central 99 % of Binomial(20, 0.05), i.e. 0 to 4 of 20.
+    """
+    good = link_images(bottle / "train" / "good", tmp_path / "good", train_names(bottle, 60, step=3))
+    model = tmp_path / "m.safetensors"
+    fit = json.loads(run("fit", good, "-o", model, "--holdout", "0.5", "--target-far", "0.05", "--json", *FAST).stdout)
+    assert fit["n_calibration"] == 30 and fit["resolved"] and fit["rule"] == "empirical quantile"
+    assert fit["holdout_far"] <= 0.05
+    pred = json.loads(run("predict", model, bottle / "test" / "good", "-o", tmp_path / "o", "--json",
+                          "--map-format", "npy").stdout)
+    n = pred["n_images"]
+    false_alarms = pred["n_anomalous"]
+    lo, hi = binom.ppf(0.005, n, 0.05), binom.ppf(0.995, n, 0.05)
+    assert n == 20 and lo <= false_alarms <= hi, (false_alarms, n)
