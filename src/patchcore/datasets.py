@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetError, ImageError
+from .images import IMAGE_EXTENSIONS, is_image_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -26,8 +27,6 @@ __all__ = [
     "read_folder",
     "read_mvtec",
 ]
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 _LAYOUTS = (
     "accepted layouts: MVTec (train/good/, test/<type>/, ground_truth/<type>/<stem>_mask.png) "
@@ -173,11 +172,7 @@ def _visible(path: Path) -> bool:
 
 def _images(folder: Path, required: bool = False) -> list[Path]:
     """Image files in a folder, sorted by name; DatasetError if required and there are none."""
-    images = sorted(
-        path
-        for path in folder.iterdir()
-        if _visible(path) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    images = sorted(path for path in folder.iterdir() if is_image_file(path))
     if required and not images:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise DatasetError(f"folder {folder} has no images; expected files ending in {extensions}")
