@@ -10,8 +10,8 @@ def test_neighbourhood_mean_inside_and_at_borders():
     x = torch.randn(1, 2, 5, 6)
     y = aggregate_neighbourhood(x)
     assert torch.allclose(y[0, :, 2, 3], x[0, :, 1:4, 2:5].mean(dim=(1, 2)), atol=1e-6)
-    # corners average the 4 real neighbours, not zero padding
-    assert torch.allclose(y[0, :, 0, 0], x[0, :, :2, :2].mean(dim=(1, 2)), atol=1e-6)
+    # corners: the 4 real neighbours and 5 zeros of padding, as in the paper's code
+    assert torch.allclose(y[0, :, 0, 0], x[0, :, :2, :2].sum(dim=(1, 2)) / 9, atol=1e-6)
 
 
 def test_narrow_features_are_concatenated_whole():

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 
 
 def aggregate_neighbourhood(fmap: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Average each position's features over its ``size`` x ``size`` neighbourhood.
+    """Average each position's features over its ``size`` x ``size`` neighbourhood, zero-padded at the border.
 
-    count_include_pad=False: at the border only real neighbours are averaged. The paper's code pads with
-    zeros, which shrinks border features towards 0 and makes borders look unusual; since we score the whole
-    image, borders matter.
+    Zero padding, as in the paper's code, shrinks border features a little (by 6/9, 4/9 in corners), and
+    with them the distances between border patches. We tried averaging over the real neighbours only
+    (count_include_pad=False): on MVTec screw (Lite0, 1 % coreset) it made the maps of good images peak at
+    the border (73 % vs 24 % of them) and cost image AUROC 0.67 -> 0.57, pixel AUROC 0.971 -> 0.967.
     """
-    return F.avg_pool2d(fmap, size, stride=1, padding=size // 2, count_include_pad=False)
+    return F.avg_pool2d(fmap, size, stride=1, padding=size // 2, count_include_pad=True)
 
 
 def _pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
