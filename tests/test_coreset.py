@@ -1,6 +1,5 @@
 """Greedy k-center coreset: identical to the plain loop, seeded, and covering the bank better as it grows."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings

@@ -87,25 +87,10 @@ def _fail(message: str) -> None:
 
 
 def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    from .evaluate import jsonable
+
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if np.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 STAGE_LABELS = {"features": "extracting features", "coreset": "selecting coreset", "scoring": "scoring",
@@ -567,7 +552,9 @@ def predict(
         "skipped": [{"name": n, "reason": r} for n, r in skipped], "images": rows,
     }
     _write_csv(output / "summary.csv", rows)
-    (output / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    from .evaluate import jsonable
+
+    (output / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
     if report:
         _predict_report(output, model, model_path, summary, files, names, rows)
         summary["report"] = str(output / "report.html")

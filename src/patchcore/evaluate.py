@@ -359,7 +359,7 @@ class EvaluationReport:
 
     def to_json(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the report (without maps) as JSON; an existing file is kept unless ``overwrite``."""
-        text = json.dumps(_jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n"
+        text = json.dumps(jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n"
         return _write(Path(path), text, overwrite)
 
     def to_csv(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -381,16 +381,19 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types for numpy scalars and paths; NaN and infinities become null."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return f if math.isfinite(f) else None
     if isinstance(obj, np.integer):
         return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
     if isinstance(obj, (Path, os.PathLike)):
         return str(obj)
     return obj
