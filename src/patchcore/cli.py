@@ -179,13 +179,18 @@ def _check_model_target(output: Path, overwrite: bool) -> None:
         raise CliError(f"{output.parent}: folder does not exist")
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a folder that already holds anything unless --overwrite; then clear our earlier results only."""
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a non-folder, or a folder that already holds anything unless --overwrite (before long work)."""
     if out.exists() and not out.is_dir():
         raise CliError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CliError(f"{out} already holds results (is not empty); choose another folder or pass --overwrite")
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Check the folder as _check_out_dir does; then clear our earlier results only."""
+    _check_out_dir(out, overwrite)
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise CliError(f"{out} already holds results (is not empty); choose another folder or pass --overwrite")
         for d in RESULT_DIRS:
             if (out / d).is_dir():
                 shutil.rmtree(out / d)
@@ -677,11 +682,7 @@ def evaluate(
         raise CliError("--report needs --output FOLDER to write report.html into")
     if output is not None:
         _check_out_parent(output)
-        if output.exists() and not output.is_dir():
-            raise CliError(f"{output} exists and is not a folder")
-        if output.is_dir() and any(output.iterdir()) and not overwrite:
-            raise CliError(f"{output} already holds results (is not empty); choose another folder or pass "
-                           f"--overwrite")
+        _check_out_dir(output, overwrite)
     if not data.exists():
         raise CliError(f"{data}: no such folder")
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
