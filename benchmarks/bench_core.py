@@ -33,7 +33,7 @@ def run_one(category: str, params: dict) -> dict:
 
     from patchcore import PatchCore
     from patchcore.datasets import load_mask, read_mvtec
-    from patchcore.metrics import aupro, image_auroc, pixel_auroc
+    from patchcore.metrics import aupro, border_peak_share, image_auroc, pixel_auroc
 
     ds = read_mvtec(DATA / category)
     model = PatchCore(**params)
@@ -52,6 +52,7 @@ def run_one(category: str, params: dict) -> dict:
     masks = [load_mask(s.mask) if s.mask else np.zeros(p.anomaly_map.shape, bool) for s, p in zip(ds.test, preds)]
     maps = [p.anomaly_map for p in preds]
     info = model.fit_info_
+    good = [m for s, m in zip(ds.test, maps) if s.label == 0]
     return {
         "category": category, "n_train": info["n_images"], "bank": info["bank_size"], "dim": info["feature_dim"],
         "fit_s": fit_s, "extract_s": info["extract_seconds"], "coreset_s": info["coreset_seconds"],
@@ -59,6 +60,8 @@ def run_one(category: str, params: dict) -> dict:
         "peak_fit_mb": fit_rss, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "image_auroc": image_auroc(labels, [p.score for p in preds]), "pixel_auroc": pixel_auroc(masks, maps),
         "aupro": aupro(masks, maps), "threads": torch.get_num_threads(),
+        "border_peak": border_peak_share(good),
+        "ms_p99": 1000 * float(np.percentile(times, 99)),
     }
 
 
@@ -70,12 +73,15 @@ def main() -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--storage-dtype", default=None)
+    ap.add_argument("--params", type=json.loads, default={},
+                    help='any other constructor arguments as JSON, e.g. \'{"border_pad": 0}\'')
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one category, print JSON
     args = ap.parse_args()
     params = {k: v for k, v in {"backbone": args.backbone, "coreset_ratio": args.coreset_ratio,
                                 "preset": args.preset, "image_size": args.image_size,
                                 "storage_dtype": args.storage_dtype}.items() if v is not None}
+    params.update(args.params)
     if args.one:
         print(json.dumps(run_one(args.one, params)))
         return
@@ -87,8 +93,7 @@ def main() -> None:
     shown = PatchCore(**params).get_params()
     rows = []
     for cat in args.categories:
-        cmd = [sys.executable, __file__, "--one", cat] + sum(
-            ([f"--{k.replace('_', '-')}", str(v)] for k, v in params.items()), [])
+        cmd = [sys.executable, __file__, "--one", cat, "--params", json.dumps(params)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{cat}: failed\n{out.stderr[-2000:]}")
@@ -98,7 +103,8 @@ def main() -> None:
                         f"load avg {os.getloadavg()[0]:.1f}")
     cols = [("category", "{}"), ("n_train", "{}"), ("bank", "{}"), ("fit_s", "{:.1f}"), ("extract_s", "{:.1f}"),
             ("coreset_s", "{:.1f}"), ("ms_per_image", "{:.0f}"), ("peak_fit_mb", "{:.0f}"), ("peak_mb", "{:.0f}"),
-            ("image_auroc", "{:.4f}"), ("pixel_auroc", "{:.4f}"), ("aupro", "{:.4f}")]
+            ("ms_p99", "{:.0f}"), ("image_auroc", "{:.4f}"), ("pixel_auroc", "{:.4f}"), ("aupro", "{:.4f}"),
+            ("border_peak", "{:.2f}")]
     for name, _ in cols:
         table.add_column(name, justify="right")
     for r in rows:

@@ -3,7 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from patchcore.features import aggregate_neighbourhood, feature_dim, patch_features
+import pytest
+
+from patchcore.features import aggregate_neighbourhood, crop_grid, feature_dim, patch_features
 
 
 def test_neighbourhood_mean_inside_and_at_borders():
@@ -29,3 +31,12 @@ def test_wide_features_are_pooled_with_equal_weight_per_layer():
     assert f.shape == (1, 4, 4, 1024) and feature_dim([512, 1024], 1024) == 1024
     # as in the paper's code: each layer pooled to 1024, then the pair pooled to 1024 -> first half layer 2
     assert torch.allclose(f[0, 1, 1, :512], aggregate_neighbourhood(a)[0, :, 1, 1], atol=1e-5)
+
+
+def test_crop_grid_cuts_exactly_the_cells_of_the_padding():
+    feats = torch.arange(2 * 36 * 40 * 3, dtype=torch.float32).reshape(2, 36, 40, 3)  # a 288 x 320 input, stride 8
+    out = crop_grid(feats, 16, (288, 320))
+    assert out.shape == (2, 32, 36, 3) and torch.equal(out, feats[:, 2:34, 2:38])
+    assert crop_grid(feats, 0, (288, 320)) is feats
+    with pytest.raises(ValueError, match="whole number of feature cells"):
+        crop_grid(feats, 4, (288, 320))

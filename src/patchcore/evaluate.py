@@ -18,7 +18,11 @@ Protocol, stated once so the numbers can be trusted and compared:
   protocol (``pixel_region: "centre crop"``). Without a crop the whole image is scored (``"whole image"``).
 * ms per image is the wall time of ``PatchCore.predict`` over the whole test set (reading the images
   included) divided by the number of test images; fit seconds is ``fit_info_["fit_seconds"]`` (feature
-  extraction + coreset; reading the images included).
+  extraction + coreset + cross-fitted calibration; reading the images included).
+* ``good FAR`` is the share of the test set's good images at or above the threshold the fit calibrated
+  (cross-fitted on the training images, for the model's ``target_far``): the false-alarm rate on good parts
+  the fit never saw. ``defect_recall`` is the share of defective images at or above it. ``border peaks``
+  is the share of good test images whose map peaks within 16 px of the image edge.
 * A fixed seed gives identical scores and maps (the seed is the model's ``seed`` parameter).
 """
 
@@ -44,7 +48,7 @@ from . import __version__
 from .datasets import Dataset, load_mask, read_dataset, read_mvtec
 from .errors import DatasetError, PatchCoreError
 from .images import Preprocessing
-from .metrics import aupro, f1_max, image_auroc, pixel_auroc, pixel_f1_max
+from .metrics import aupro, border_peak_share, f1_max, image_auroc, pixel_auroc, pixel_f1_max
 from .model import PatchCore
 
 __all__ = ["CategoryResult", "EvaluationReport", "COLUMNS", "compute_metrics", "crop_to_region",
@@ -60,13 +64,15 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("aupro", "AUPRO", "{:.4f}"),
     ("f1_max", "F1-max", "{:.4f}"),
     ("pixel_f1_max", "pixel F1-max", "{:.4f}"),
+    ("good_far", "good FAR", "{:.3f}"),
+    ("border_peak", "border peaks", "{:.2f}"),
     ("fit_s", "fit s", "{:.1f}"),
     ("ms_per_image", "ms/image", "{:.1f}"),
 )
 _METRIC_KEYS = [k for k, _, _ in COLUMNS if k != "category"]
 _CSV_KEYS = ["category", "n_train", "n_test", "n_defect", "image_auroc", "pixel_auroc", "aupro", "f1_max",
-             "f1_threshold", "pixel_f1_max", "fit_s", "extract_s", "coreset_s", "ms_per_image", "pixel_region",
-             "n_pixel_images"]
+             "f1_threshold", "pixel_f1_max", "threshold", "good_far", "defect_recall", "border_peak", "fit_s",
+             "extract_s", "coreset_s", "calibration_s", "ms_per_image", "pixel_region", "n_pixel_images"]
 
 WHOLE_IMAGE = "whole image"
 CENTRE_CROP = "centre crop"
@@ -97,17 +103,24 @@ class CategoryResult:
     maps: list[np.ndarray] | None = field(default=None, repr=False)
     pixel_region: str = WHOLE_IMAGE
     n_pixel_images: int = 0
+    threshold: float | None = None
+    good_far: float | None = None
+    defect_recall: float | None = None
+    border_peak: float | None = None
+    calibration_seconds: float = 0.0
 
     def metrics_row(self) -> dict[str, Any]:
         """The table columns (see :data:`COLUMNS`): category, metrics, fit s, ms/image."""
         return {"category": self.name, "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc,
                 "aupro": self.aupro, "f1_max": self.image_f1_max, "pixel_f1_max": self.pixel_f1_max,
-                "fit_s": self.fit_seconds, "ms_per_image": self.ms_per_image}
+                "good_far": self.good_far, "border_peak": self.border_peak, "fit_s": self.fit_seconds,
+                "ms_per_image": self.ms_per_image}
 
     def csv_row(self) -> dict[str, Any]:
         return {**self.metrics_row(), "n_train": self.n_train, "n_test": self.n_test, "n_defect": self.n_defect,
                 "f1_threshold": self.image_f1_threshold, "extract_s": self.extract_seconds,
-                "coreset_s": self.coreset_seconds, "pixel_region": self.pixel_region,
+                "coreset_s": self.coreset_seconds, "calibration_s": self.calibration_seconds,
+                "threshold": self.threshold, "defect_recall": self.defect_recall, "pixel_region": self.pixel_region,
                 "n_pixel_images": self.n_pixel_images}
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +130,9 @@ class CategoryResult:
             "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "aupro": self.aupro,
             "f1_max": self.image_f1_max, "f1_threshold": self.image_f1_threshold,
             "pixel_f1_max": self.pixel_f1_max, "pixel_region": self.pixel_region,
-            "n_pixel_images": self.n_pixel_images, "fit_seconds": self.fit_seconds,
+            "n_pixel_images": self.n_pixel_images, "threshold": self.threshold, "good_far": self.good_far,
+            "defect_recall": self.defect_recall, "border_peak": self.border_peak,
+            "calibration_seconds": self.calibration_seconds, "fit_seconds": self.fit_seconds,
             "extract_seconds": self.extract_seconds, "coreset_seconds": self.coreset_seconds,
             "ms_per_image": self.ms_per_image,
             "images": [{"path": p, "label": int(lab), "defect_type": t, "score": float(s)}
@@ -209,6 +224,9 @@ def evaluate_dataset(dataset: Dataset, params: dict[str, Any], *, keep_maps: boo
     labels = [s.label for s in dataset.test]
     scores = [float(p.score) for p in preds]
     m = compute_metrics(labels, scores, eval_masks, eval_maps)
+    good = [i for i, lab in enumerate(labels) if lab == 0]
+    bad = [i for i, lab in enumerate(labels) if lab == 1]
+    thr = model.threshold_
     result = CategoryResult(
         name=dataset.name, n_train=int(info.get("n_images", len(dataset.train))), n_test=len(paths),
         n_defect=sum(labels), image_auroc=m["image_auroc"], pixel_auroc=m["pixel_auroc"], aupro=m["aupro"],
@@ -216,7 +234,11 @@ def evaluate_dataset(dataset: Dataset, params: dict[str, Any], *, keep_maps: boo
         fit_seconds=float(info["fit_seconds"]), extract_seconds=float(info["extract_seconds"]),
         coreset_seconds=float(info["coreset_seconds"]), ms_per_image=ms, paths=[str(p) for p in paths],
         labels=labels, defect_types=[s.defect_type for s in dataset.test], scores=scores,
-        maps=maps if keep_maps else None, pixel_region=region, n_pixel_images=m["n_pixel_images"])
+        maps=maps if keep_maps else None, pixel_region=region, n_pixel_images=m["n_pixel_images"],
+        threshold=thr, calibration_seconds=float(info.get("calibration_seconds", 0.0)),
+        good_far=None if thr is None or not good else float(np.mean([scores[i] >= thr for i in good])),
+        defect_recall=None if thr is None or not bad else float(np.mean([scores[i] >= thr for i in bad])),
+        border_peak=border_peak_share([eval_maps[i] for i in good]) if good else None)
     return result, model
 
 
@@ -352,7 +374,7 @@ class EvaluationReport:
             "protocol": {"pixel_metrics": "exact, at each image's own resolution; good images without mask are "
                                           "all-normal; defect images without mask are left out",
                          "aupro_fpr_limit": 0.3, "ms_per_image": "predict wall time / test images",
-                         "fit_seconds": "feature extraction + coreset"},
+                         "fit_seconds": "feature extraction + coreset + cross-fitted calibration"},
             "versions": self.versions, "machine": self.machine, "total_seconds": self.total_seconds,
             "mean": self.mean_row(), "categories": [r.to_dict() for r in self.results],
         }

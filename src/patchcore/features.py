@@ -47,3 +47,19 @@ def patch_features(fmaps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
 def feature_dim(channels: list[int], target_dim: int) -> int:
     """The width of the patch features for layers with these channel counts."""
     return target_dim if sum(channels) > target_dim else sum(channels)
+
+
+def crop_grid(feats: torch.Tensor, pad: int, input_hw: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Cut the cells computed for ``pad`` pixels of input padding off an (N, h, w, D) patch grid.
+
+    The grid's stride is read off the padded input size; the padding must be a whole number of cells.
+    """
+    if not pad:
+        return feats
+    h, w = feats.shape[1:3]
+    ch, rh = divmod(pad * h, int(input_hw[0]))
+    cw, rw = divmod(pad * w, int(input_hw[1]))
+    if rh or rw or not ch or not cw:
+        raise ValueError(f"border padding of {pad} px is not a whole number of feature cells "
+                         f"({h}x{w} cells for a {input_hw[0]}x{input_hw[1]} input)")
+    return feats[:, ch:h - ch, cw:w - cw]

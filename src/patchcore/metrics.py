@@ -154,3 +154,18 @@ def _flat_pixels(
     if not np.isfinite(scores).all():
         raise ValueError("maps must be finite; found NaN or infinity")
     return np.concatenate(flat_masks), scores
+
+
+def border_peak_share(maps: Sequence[ArrayLike], border: int = 16) -> float:
+    """The share of maps whose maximum lies within ``border`` pixels of the image edge.
+
+    Measured on good images, this is how often a model "lights up at the border" where nothing is wrong.
+    """
+    if not maps:
+        raise ValueError("no maps given")
+    hits = 0
+    for m in maps:
+        a = np.asarray(m)
+        y, x = np.unravel_index(int(np.argmax(a)), a.shape)
+        hits += min(y, x, a.shape[0] - 1 - y, a.shape[1] - 1 - x) < border
+    return hits / len(maps)

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import LayerTaps, fingerprint, get_backbone, load_backbone
+from .backbones import NORMALIZATIONS, LayerTaps, fingerprint, get_backbone, load_backbone
 from .coreset import greedy_coreset, random_projection
 from .errors import ModelFileError, NotFittedError, PatchCoreError
-from .features import patch_features
+from .features import crop_grid, patch_features
 from .images import PRESETS, ImagesLike, Item, Preprocessing, as_items, iter_loaded
 from .scoring import MemoryBank, reweighted_score, smooth
+from .thresholds import Calibration, calibrate, calibrate_scores, mask_level
 
 FORMAT = "patchcore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: normalization and border_pad are settings (format 1 had neither)
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total); stages: "features", "coreset", "scoring"."""
@@ -37,6 +38,7 @@ class Prediction:
     score: float
     anomaly_map: np.ndarray  # float32, H x W at the input image's own resolution
     threshold: float | None = None
+    pixel_threshold: float | None = None  # the map level calibrated with the threshold (see defect_mask)
 
     @property
     def is_anomalous(self) -> bool | None:
@@ -48,12 +50,31 @@ class Prediction:
         """score / threshold: the threshold sits at 1.0 whatever the product; None without a threshold."""
         return None if not self.threshold else float(self.score) / float(self.threshold)
 
+    @property
+    def mask_level(self) -> float:
+        """The map value from which pixels are defect pixels (infinite for a good verdict)."""
+        return mask_level(self.anomaly_map, self.score, self.threshold, self.pixel_threshold)
+
+    @property
+    def defect_mask(self) -> np.ndarray:
+        """Boolean H x W: where the defect is. Empty for a good verdict; for an anomalous one it always holds
+        at least the region around the map's peak, so the verdict can be seen in it."""
+        return self.anomaly_map >= self.mask_level
+
 
 @dataclass
 class _Fitted:
     bank: np.ndarray
     fingerprint: str
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal numeric lists (nested or not) up to float rounding; False for other shapes or for None."""
+    if b is None:
+        return False
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return x.shape == y.shape and bool(np.allclose(x, y))
 
 
 class PatchCore:
@@ -77,6 +98,14 @@ class PatchCore:
     batch_size: images per forward pass.
     storage_dtype: ``"float32"`` or ``"float16"`` for the patch features held while fitting.
     backbone_weights: a local weights file to use instead of the registry's.
+    normalization: input normalisation, ``"auto"`` (the one the backbone's weights were trained with, from the
+        registry), ``"imagenet"`` or ``"tf"``.
+    border_pad: pixels of reflection padding added around the network input; the features of the padding
+        are computed and then cut away, so border patches see image-like context instead of the network's
+        zero padding (a multiple of the first tapped layer's stride, 8; 0 turns it off).
+    target_far: the false-alarm rate on good images that the threshold is calibrated for (see thresholds).
+    calibration_folds: k of the k-fold cross-fitting that gives every good image of the fit a calibration
+        score (0 or 1: fit without a threshold; calibrate later with :meth:`calibrate`).
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", layers: tuple[str, ...] | None = None,
@@ -84,7 +113,8 @@ class PatchCore:
                  target_dim: int = 1024, coreset_ratio: float = 0.1, projection_dim: int = 128,
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, storage_dtype: str = "float32",
-                 backbone_weights: str | os.PathLike | None = None) -> None:
+                 backbone_weights: str | os.PathLike | None = None, normalization: str = "auto",
+                 border_pad: int = 16, target_far: float = 0.01, calibration_folds: int = 5) -> None:
         self.backbone = backbone
         self.layers = layers
         self.preset = preset
@@ -100,6 +130,10 @@ class PatchCore:
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
         self.backbone_weights = backbone_weights
+        self.normalization = normalization
+        self.border_pad = border_pad
+        self.target_far = target_far
+        self.calibration_folds = calibration_folds
         self._fitted: _Fitted | None = None
         self._net: tuple[LayerTaps, torch.Tensor, torch.Tensor, str] | None = None
         self._bank: MemoryBank | None = None
@@ -113,10 +147,13 @@ class PatchCore:
         return {k: getattr(self, k) for k in (
             "backbone", "layers", "preset", "image_size", "crop_size", "target_dim", "coreset_ratio",
             "projection_dim", "num_neighbors", "sigma", "seed", "device", "batch_size", "storage_dtype",
-            "backbone_weights")}
+            "backbone_weights", "normalization", "border_pad", "target_far", "calibration_folds")}
 
     def _check_params(self) -> None:
-        get_backbone(self.backbone)
+        for m in self.members:
+            get_backbone(m)
+        if len(self.members) > 1 and (self.layers or self.backbone_weights is not None):
+            raise PatchCoreError("layers and backbone_weights apply to a single backbone, not to an ensemble")
         if self.preset not in PRESETS:
             raise PatchCoreError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if not 0.0 < self.coreset_ratio <= 1.0:
@@ -125,9 +162,19 @@ class PatchCore:
             raise PatchCoreError(f"storage_dtype must be float32 or float16, got {self.storage_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise PatchCoreError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0.0 < float(self.target_far) < 1.0:
+            raise PatchCoreError(f"target_far must be in (0, 1), got {self.target_far}")
+        if int(self.calibration_folds) < 0:
+            raise PatchCoreError(f"calibration_folds must be 0 (off) or at least 2, got {self.calibration_folds}")
         for name in ("target_dim", "projection_dim", "num_neighbors", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise PatchCoreError(f"{name} must be at least 1")
+        given = str(self.normalization).split("+")
+        if any(g != "auto" and g not in NORMALIZATIONS for g in given) or len(given) not in (1, len(self.members)):
+            raise PatchCoreError(f"unknown normalization {self.normalization!r}; known: auto, "
+                                 f"{', '.join(NORMALIZATIONS)} (one, or one per ensemble member joined by '+')")
+        if int(self.border_pad) < 0 or int(self.border_pad) % 8:
+            raise PatchCoreError(f"border_pad must be a non-negative multiple of 8 pixels, got {self.border_pad}")
         for name in ("image_size", "crop_size"):
             v = getattr(self, name)
             if v is not None and int(v) < 32:
@@ -144,7 +191,37 @@ class PatchCore:
         return Preprocessing(resize=tuple(resize), crop=tuple(crop) if crop else None)
 
     @property
+    def members(self) -> list[str]:
+        """The backbones whose patch features are concatenated: ``"a+b"`` is an ensemble of a and b."""
+        return str(self.backbone).split("+")
+
+    @property
+    def normalization_names(self) -> list[str]:
+        """The input normalisation of each member: ``normalization`` (one name for all, or one per member
+        joined by "+"), or each backbone's own where it is "auto"."""
+        given = str(self.normalization).split("+")
+        if len(given) == 1:
+            given = given * len(self.members)
+        return [get_backbone(m).normalization if g == "auto" else g for m, g in zip(self.members, given)]
+
+    @property
+    def normalization_name(self) -> str:
+        """The input normalisation in force, resolved ("+"-joined for an ensemble of different ones)."""
+        names = self.normalization_names
+        return names[0] if len(set(names)) == 1 else "+".join(names)
+
+    def _input_stats(self) -> tuple[list, list]:
+        """The mean and std the network input is normalised with, as the model file records them
+        (one RGB triple each; for an ensemble, one per member)."""
+        stats = [NORMALIZATIONS[n] for n in self.normalization_names]
+        if len(stats) == 1:
+            return list(stats[0][0]), list(stats[0][1])
+        return [list(m) for m, _ in stats], [list(s) for _, s in stats]
+
+    @property
     def tapped_layers(self) -> tuple[str, ...]:
+        if len(self.members) > 1:
+            return tuple(f"{m}:{layer}" for m in self.members for layer in get_backbone(m).layers)
         return tuple(self.layers) if self.layers else get_backbone(self.backbone).layers
 
     def _device(self) -> str:
@@ -153,35 +230,46 @@ class PatchCore:
         return self.device
 
     # ---------------------------------------------------------------------------------------- network
-    def _network(self) -> tuple[LayerTaps, torch.Tensor, torch.Tensor, str]:
+    def _network(self) -> tuple[list[tuple[LayerTaps, torch.Tensor, torch.Tensor]], str]:
+        """Each member's (taps, mean, std) on the device, and the weights' fingerprint ("+"-joined)."""
         if self._net is None:
-            entry = get_backbone(self.backbone)
-            model = load_backbone(self.backbone, self.backbone_weights)
-            fp = fingerprint(model)
+            dev = self._device()
+            members, fps = [], []
+            for name, norm in zip(self.members, self.normalization_names):
+                mean, std = NORMALIZATIONS[norm]
+                model = load_backbone(name, self.backbone_weights)
+                fps.append(fingerprint(model))
+                members.append((LayerTaps(model, self.tapped_layers if len(self.members) == 1
+                                          else get_backbone(name).layers).to(dev),
+                                torch.tensor(mean, device=dev).view(1, 3, 1, 1),
+                                torch.tensor(std, device=dev).view(1, 3, 1, 1)))
+            fp = "+".join(fps)
             if self._fitted is not None and self._fitted.fingerprint != fp:
                 raise ModelFileError(
                     f"this model was fitted with other {self.backbone} weights (fingerprint "
                     f"{self._fitted.fingerprint}) than the ones loaded now ({fp}); pass the same backbone weights")
-            dev = self._device()
-            taps = LayerTaps(model, self.tapped_layers).to(dev)
-            mean = torch.tensor(entry.mean, device=dev).view(1, 3, 1, 1)
-            std = torch.tensor(entry.std, device=dev).view(1, 3, 1, 1)
-            self._net = (taps, mean, std, fp)
+            self._net = (members, fp)
         return self._net
 
     def _batches(self, items: list[Item], skip_unreadable: bool, skipped: list[tuple[str, str]]
                  ) -> Iterator[tuple[list[Item], list[np.ndarray], torch.Tensor]]:
         """Patch features (N, h, w, D) of consecutive batches, with the items and their RGB arrays."""
-        taps, mean, std, _ = self._network()
+        members, _ = self._network()
         pre = self.preprocessing
+        pad = int(self.border_pad)
         batch: list[tuple[Item, np.ndarray]] = []
 
         def run(batch):
             imgs = [a for _, a in batch]
-            x = pre(imgs).to(mean.device)
+            x0 = pre(imgs)
+            feats = []
             with torch.inference_mode():
-                feats = patch_features(taps((x - mean) / std), self.target_dim).cpu()
-            return [it for it, _ in batch], imgs, feats
+                for taps, mean, std in members:
+                    x = (x0.to(mean.device) - mean) / std
+                    if pad:
+                        x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+                    feats.append(crop_grid(patch_features(taps(x), self.target_dim), pad, x.shape[-2:]).cpu())
+            return [it for it, _ in batch], imgs, feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
         for pair in iter_loaded(items, skip_unreadable, skipped):
             batch.append(pair)
@@ -193,28 +281,56 @@ class PatchCore:
 
     # -------------------------------------------------------------------------------------------- fit
     def fit(self, images: ImagesLike, skip_unreadable: bool = False, progress: Progress | None = None) -> PatchCore:
-        """Build the memory bank from good images: a folder, a list of paths or arrays, or an N x H x W x C array.
+        """Build the memory bank from good images (a folder, a list of paths or arrays, or an N x H x W x C
+        array) and, with ``calibration_folds`` >= 2, calibrate the threshold on all of them, cross-fitted.
 
-        An unreadable image is an error, unless ``skip_unreadable``; then it is left out and listed in
-        ``skipped_``. Returns self.
+        Cross-fitting scores each good image with a bank built, the same way, from the other folds' images,
+        so every good image gives one honest calibration score (a model scores its own training images too
+        low); the model's own bank still uses every image. An unreadable image is an error, unless
+        ``skip_unreadable``; then it is left out and listed in ``skipped_``. Returns self.
         """
         self._check_params()
         items = as_items(images)
         self.skipped_: list[tuple[str, str]] = []
         t0 = time.perf_counter()
-        chunks, done, grid = [], 0, None
+        feats, sizes = self._extract(items, skip_unreadable, progress)
+        t1 = time.perf_counter()
+        n_img, h, w, d = feats.shape
+        bank = self._select(feats.reshape(-1, d), progress, "coreset")
+        t2 = time.perf_counter()
+        self._fitted = _Fitted(bank=bank, fingerprint=self._network()[1], info={
+            "n_images": n_img, "n_features": n_img * h * w, "bank_size": int(bank.shape[0]),
+            "feature_dim": int(d), "grid": [h, w], "extract_seconds": t1 - t0,
+            "coreset_seconds": t2 - t1, "fit_seconds": t2 - t0, "skipped": len(self.skipped_)})
+        self._bank = None
+        self.threshold_, self.calibration_ = None, {}
+        folds = min(int(self.calibration_folds), n_img)
+        if folds >= 2:
+            scores, maxima = self._cross_fit(feats, sizes, folds, progress)
+            cal = calibrate_scores(scores, self.target_far, map_maxima=maxima,
+                                   source=f"{folds}-fold cross-fit on the {n_img} fitted images")
+            cal.extra.update(folds=folds)
+            cal.apply(self)
+            self._fitted.info["calibration_seconds"] = time.perf_counter() - t2
+            self._fitted.info["fit_seconds"] = time.perf_counter() - t0
+        return self
+
+    def _extract(self, items: list[Item], skip_unreadable: bool, progress: Progress | None
+                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Patch features (N, h, w, D) of all readable items, in ``storage_dtype``, and their (H, W) sizes."""
+        chunks, sizes = [], []
         dtype = torch.float16 if self.storage_dtype == "float16" else torch.float32
-        for batch_items, _, feats in self._batches(items, skip_unreadable, self.skipped_):
-            grid = tuple(feats.shape[1:3])
-            chunks.append(feats.reshape(-1, feats.shape[-1]).to(dtype))
-            done += len(batch_items)
+        for _, imgs, feats in self._batches(items, skip_unreadable, self.skipped_):
+            chunks.append(feats.to(dtype))
+            sizes += [a.shape[:2] for a in imgs]
             if progress:
-                progress("features", done, len(items))
+                progress("features", len(sizes), len(items))
         if not chunks:
             raise PatchCoreError("no readable good images to fit on")
-        features = torch.cat(chunks)
-        del chunks
-        t1 = time.perf_counter()
+        return torch.cat(chunks), sizes
+
+    def _select(self, features: torch.Tensor, progress: Progress | None, stage: str) -> np.ndarray:
+        """The memory bank chosen from (P, D) features: the greedy coreset of ``coreset_ratio`` of them."""
         n_total = features.shape[0]
         n_keep = n_total if self.coreset_ratio >= 1.0 else max(1, int(n_total * self.coreset_ratio))
         if n_keep < self.num_neighbors:
@@ -224,20 +340,68 @@ class PatchCore:
         if n_keep < n_total:
             z = random_projection(features, self.projection_dim, self.seed)
             idx = greedy_coreset(z, n_keep, seed=self.seed,
-                                 progress=(lambda i, n: progress("coreset", i, n)) if progress else None)
+                                 progress=(lambda i, n: progress(stage, i, n)) if progress else None)
             del z
-            bank = features.index_select(0, idx)
-        else:
-            bank = features
-        bank = bank.float().numpy()
-        t2 = time.perf_counter()
-        self._fitted = _Fitted(bank=bank, fingerprint=self._network()[3], info={
-            "n_images": done, "n_features": int(n_total), "bank_size": int(bank.shape[0]),
-            "feature_dim": int(bank.shape[1]), "grid": list(grid), "extract_seconds": t1 - t0,
-            "coreset_seconds": t2 - t1, "fit_seconds": t2 - t0, "skipped": len(self.skipped_)})
-        self._bank = None
-        self.threshold_, self.calibration_ = None, {}
-        return self
+            features = features.index_select(0, idx)
+        return features.float().numpy()
+
+    def _cross_fit(self, feats: torch.Tensor, sizes: list[tuple[int, int]], folds: int,
+                   progress: Progress | None) -> tuple[list[float], list[float]]:
+        """Each image's score and map maximum from a bank selected without its fold (folds drawn by seed)."""
+        n_img = feats.shape[0]
+        order = np.random.default_rng(self.seed).permutation(n_img)
+        scores, maxima = [0.0] * n_img, [0.0] * n_img
+        for j, held in enumerate(np.array_split(order, folds)):
+            rest = torch.from_numpy(np.setdiff1d(np.arange(n_img), held))
+            bank = MemoryBank(self._select(feats.index_select(0, rest).reshape(-1, feats.shape[-1]), None, ""))
+            for i, (score, amap) in zip(held, self._score(bank, feats[torch.from_numpy(held)].float(),
+                                                          [sizes[i] for i in held])):
+                scores[i], maxima[i] = score, float(amap.max())
+            if progress:
+                progress("calibration", j + 1, folds)
+        return scores, maxima
+
+    def _score(self, bank: MemoryBank, feats: torch.Tensor, sizes: list[tuple[int, int]]
+               ) -> Iterator[tuple[float, np.ndarray]]:
+        """(image score, anomaly map at the image's own size) for each image's (h, w, D) patch features."""
+        n, h, w, d = feats.shape
+        pre = self.preprocessing
+        flat = feats.reshape(-1, d).numpy()
+        dist, nn = bank.search(flat)
+        dist, nn = dist[:, 0].reshape(n, h * w), nn[:, 0].reshape(n, h * w)
+        for i in range(n):
+            j = int(dist[i].argmax())
+            score = reweighted_score(bank, flat[i * h * w + j], float(dist[i, j]), int(nn[i, j]),
+                                     self.num_neighbors)
+            grid = torch.from_numpy(dist[i].reshape(1, 1, h, w))
+            up = torch.nn.functional.interpolate(grid, size=pre.input_size, mode="bilinear", align_corners=False)
+            yield score, pre.to_image(smooth(up[0, 0], self.sigma), sizes[i]).astype(np.float32)
+
+    def calibrate(self, good_images: ImagesLike | None = None, target_far: float | None = None,
+                  method: str = "conformal", defect_images: ImagesLike | None = None, threshold_from: str = "far",
+                  skip_unreadable: bool = False, progress: Progress | None = None) -> Calibration:
+        """Set the threshold for a target false-alarm rate (default: ``target_far``) and return how.
+
+        ``good_images``: good images the bank was not built from, ideally from the production camera;
+        None re-uses the cross-fitted scores of the fit (to change the target without refitting).
+        ``defect_images`` (optional) add the F1-optimal threshold; ``threshold_from="f1"`` makes it the one used.
+        """
+        far = self.target_far if target_far is None else target_far
+        if good_images is not None:
+            return calibrate(self, good_images, far, method, defect_images, threshold_from,
+                             source="good images given to calibrate()", skip_unreadable=skip_unreadable,
+                             progress=progress)
+        prev = self.calibration_ or {}
+        if not prev.get("scores"):
+            raise PatchCoreError("no cross-fitted scores to recalibrate from: fit with calibration_folds >= 2, "
+                                 "or pass good images the model was not fitted on")
+        defects = None if defect_images is None else [
+            p.score for p in self.predict(defect_images, skip_unreadable=skip_unreadable, progress=progress)]
+        cal = calibrate_scores(prev["scores"], far, method, map_maxima=prev.get("map_maxima"),
+                               defect_scores=defects, threshold_from=threshold_from, source=prev.get("source", "fit"))
+        cal.extra.update({k: prev[k] for k in ("folds",) if k in prev})
+        cal.apply(self)
+        return cal
 
     @property
     def memory_bank_(self) -> np.ndarray:
@@ -264,23 +428,12 @@ class PatchCore:
         bank = self._memory()
         items = as_items(images)
         self.skipped_ = []
-        pre = self.preprocessing
+        pixel = (self.calibration_ or {}).get("pixel_threshold")
         done = 0
         for batch_items, imgs, feats in self._batches(items, skip_unreadable, self.skipped_):
-            n, h, w, d = feats.shape
-            flat = feats.reshape(-1, d).numpy()
-            dist, nn = bank.search(flat)
-            dist, nn = dist[:, 0].reshape(n, h * w), nn[:, 0].reshape(n, h * w)
-            for i, (item, img) in enumerate(zip(batch_items, imgs)):
-                j = int(dist[i].argmax())
-                score = reweighted_score(bank, flat[i * h * w + j], float(dist[i, j]), int(nn[i, j]),
-                                         self.num_neighbors)
-                grid = torch.from_numpy(dist[i].reshape(1, 1, h, w))
-                up = torch.nn.functional.interpolate(grid, size=pre.input_size, mode="bilinear",
-                                                     align_corners=False)[0, 0]
-                amap = pre.to_image(smooth(up, self.sigma), img.shape[:2])
-                yield Prediction(item.name, score, amap.astype(np.float32), self.threshold_)
-            done += n
+            for item, (score, amap) in zip(batch_items, self._score(bank, feats, [a.shape[:2] for a in imgs])):
+                yield Prediction(item.name, score, amap, self.threshold_, pixel)
+            done += len(batch_items)
             if progress:
                 progress("scoring", done, len(items))
 
@@ -305,19 +458,21 @@ class PatchCore:
         fitted = self._require()
         path = Path(path)
         if path.exists() and not overwrite:
-            raise PatchCoreError(f"{path} already exists; choose another name or allow overwriting")
+            raise PatchCoreError(f"{path} already exists; pass overwrite=True to replace it, or choose another name")
         if not path.parent.is_dir():
             raise PatchCoreError(f"{path.parent}: folder does not exist")
         params = self.get_params()
         params["backbone_weights"] = None if params["backbone_weights"] is None else str(params["backbone_weights"])
-        params["layers"] = list(self.tapped_layers)
+        params["layers"] = list(self.tapped_layers) if len(self.members) == 1 else None
+        params["normalization"] = self.normalization_name
+        mean, std = self._input_stats()
         meta = {
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "patchcore_version": __version__,
             "params": json.dumps(params), "backbone_fingerprint": fitted.fingerprint,
             "preprocessing": json.dumps({"resize": list(self.preprocessing.resize),
                                          "crop": list(self.preprocessing.crop) if self.preprocessing.crop else None,
-                                         "mean": list(get_backbone(self.backbone).mean),
-                                         "std": list(get_backbone(self.backbone).std)}),
+                                         "mean": mean, "std": std,
+                                         "border_pad": int(self.border_pad)}),
             "fit_info": json.dumps(fitted.info),
             "threshold": json.dumps(self.threshold_), "calibration": json.dumps(self.calibration_),
         }
@@ -338,6 +493,8 @@ class PatchCore:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(f"{path} is a folder, not a model file (.safetensors written by fit/save)")
         if not path.is_file():
             raise ModelFileError(f"{path}: no such model file")
         try:
@@ -358,6 +515,7 @@ class PatchCore:
             fp = meta["backbone_fingerprint"]
             threshold = json.loads(meta.get("threshold", "null"))
             calibration = json.loads(meta.get("calibration", "{}"))
+            prep = json.loads(meta["preprocessing"])
         except (KeyError, ValueError, TypeError) as e:
             raise ModelFileError(f"{path}: model metadata is damaged ({type(e).__name__}: {e})") from None
         if version > FORMAT_VERSION:
@@ -367,7 +525,13 @@ class PatchCore:
             raise ModelFileError(f"{path}: memory bank is missing or does not match its metadata")
         if not np.isfinite(bank).all():
             raise ModelFileError(f"{path}: memory bank holds NaN or infinite values")
-        params["layers"] = tuple(params["layers"])
+        if version == 1:
+            # Format 1 had no such settings: it normalised with the statistics it stored and did not pad.
+            params.setdefault("border_pad", 0)
+            params.setdefault("normalization", next(
+                (k for k, (m, s) in NORMALIZATIONS.items() if _same(m, prep.get("mean")) and _same(s, prep.get("std"))),
+                "unknown"))
+        params["layers"] = None if params.get("layers") is None else tuple(params["layers"])
         params["device"] = device
         if backbone_weights is not None:
             params["backbone_weights"] = backbone_weights
@@ -375,6 +539,18 @@ class PatchCore:
             model = cls(**params)
         except TypeError as e:
             raise ModelFileError(f"{path}: unexpected model parameters ({e})") from None
+        except PatchCoreError as e:
+            raise ModelFileError(f"{path}: {e}; refit the model with this patchcore ({__version__})") from None
+        # The file records the preprocessing it was fitted with; if this version would feed the network
+        # differently, its scores would silently change, so refuse instead.
+        pre = model.preprocessing
+        mean, std = model._input_stats()
+        if (list(pre.resize) != prep.get("resize") or (list(pre.crop) if pre.crop else None) != prep.get("crop")
+                or not _same(mean, prep.get("mean")) or not _same(std, prep.get("std"))
+                or int(model.border_pad) != int(prep.get("border_pad", 0))):
+            raise ModelFileError(f"{path}: this patchcore ({__version__}) would preprocess images differently "
+                                 f"from the patchcore that fitted the model ({meta.get('patchcore_version', '?')}), "
+                                 f"so its scores would change; refit the model")
         model._fitted = _Fitted(bank=bank, fingerprint=fp, info=info)
         model.threshold_ = None if threshold is None else float(threshold)
         model.calibration_ = calibration

@@ -1,32 +1,38 @@
-"""Turning PatchCore scores into decisions: a threshold calibrated on good images, and normalised scores.
+"""Turning PatchCore scores into decisions: a threshold with a stated false-alarm rate, and normalised scores.
 
 PatchCore scores have no natural scale (they are feature distances, and differ per product), so a bare
-score is not a decision. The threshold is calibrated on **held-out good images only** (images the
-memory bank was *not* built from: a model scores its own training images too low), for a target
-false-alarm rate (FAR, the fraction of good images called anomalous):
+score is not a decision. The threshold is calibrated on good images **the memory bank was not built
+from** (a model scores its own training images too low): by default the cross-fitted scores that
+:meth:`PatchCore.fit` computes for every good image with a bank built without it, or the scores of a
+separate folder of good images (:func:`calibrate`, ``PatchCore.calibrate``). The target is a false-alarm
+rate (FAR, the fraction of good images called anomalous):
 
-``method="quantile"`` (default)
-    With ``n`` held-out good scores and target FAR ``a``, the FAR can be resolved when ``n * a >= 1``.
-    Then the threshold is placed half-way between the ``k``-th and ``(k+1)``-th largest good score,
-    ``k = floor(n * a)``: exactly ``k`` held-out good images (a fraction ``k / n <= a``) reach it.
-    When ``n * a < 1`` (e.g. 20 images for 1 %), no empirical quantile exists; the rule then falls back
-    to the ``"gaussian"`` rule below and says so (``rule: "normal fit (n too small for the quantile)"``,
-    ``resolved: false``).
+``method="conformal"`` (default)
+    Split-conformal rank: with ``n`` calibration scores and target FAR ``a``, the threshold is just above
+    the ``k = ceil((n + 1)(1 - a))``-th smallest score. For a new good image exchangeable with the
+    calibration images (same product, camera and conditions), the chance that it reaches the threshold is
+    then at most ``a`` (and at least ``a - 1 / (n + 1)``): a guarantee, not an estimate. When ``k > n``
+    (fewer than ``1 / a - 1`` images), no rank guarantees ``a``; the threshold then sits just above the
+    largest score, which guarantees ``1 / (n + 1)``, and the calibration says so (``resolved: false``) and
+    how many images the target needs.
 ``method="gaussian"``
-    Fit a normal distribution to the good scores and take its ``1 - a`` quantile,
-    ``mean + z(1 - a) * std``, but never below the largest held-out good score (times 1 + 1e-6), so no
-    held-out good image is a false alarm. This extrapolates the tail; it is an estimate, not a guarantee.
+    Fit a normal distribution to the good scores and take its ``1 - a`` quantile, never below the largest
+    calibration score. This extrapolates the tail: an estimate, no guarantee.
+
+Exchangeability is the whole assumption. MVTec's test images, taken apart from the training images, score
+higher than cross-fitted training images do (docs/benchmarks.md): calibrate on good images from the
+production camera, taken as the line runs, to have the guarantee hold there.
 
 An image is anomalous when ``score >= threshold``. The normalised score is ``score / threshold``: the
 threshold sits at 1.0 for every product, 2.0 means twice the threshold.
 
-The anomaly map's pixel threshold (for the binary defect mask) is calibrated by the same rule on the
-per-image *maxima* of the held-out good maps, so a good image shows any masked pixel at most at the
-target rate. (The image score is a reweighted patch distance, the map a smoothed one; both are in the
-same units but not identical, hence a separate value.)
+The anomaly map's pixel threshold (for the defect mask) is calibrated by the same rule on the per-image
+*maxima* of the calibration maps, so a good image shows a masked pixel at most at the target rate.
+:func:`mask_level` makes masks agree with verdicts: a good verdict has an empty mask, and an anomalous
+one always shows at least the region around its map's peak.
 
 Where labelled defect images are available, :func:`f1_threshold` gives the threshold with the best F1
-over held-out good + defect scores; it is stored beside the FAR threshold and can be chosen instead.
+over good + defect scores; it is stored beside the FAR threshold and can be chosen instead.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from .errors import PatchCoreError
 __all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "threshold_for_far",
            "normalized"]
 
-METHODS = ("quantile", "gaussian")
+METHODS = ("conformal", "gaussian")
+_ALIASES = {"quantile": "conformal"}  # the name of the default rule before it became split-conformal
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 _ABOVE_MAX = 1.0 + 1e-6
 
@@ -71,6 +78,9 @@ class Calibration:
     source: str = "holdout"
     threshold_from: str = "far"
     far_threshold: float | None = None
+    guaranteed_far: float | None = None
+    needed_n: int = 0
+    statement: str = ""
     f1_threshold: float | None = None
     f1: float | None = None
     n_defect: int = 0
@@ -89,29 +99,49 @@ class Calibration:
         model.calibration_ = self.to_dict()
 
 
-def threshold_for_far(scores: Sequence[float], target_far: float, method: str = "quantile"
+def needed_images(target_far: float) -> int:
+    """The fewest calibration images for which the conformal rank can guarantee ``target_far``."""
+    return max(1, math.ceil(1.0 / target_far - 1.0 - 1e-9))
+
+
+def threshold_for_far(scores: Sequence[float], target_far: float, method: str = "conformal"
                       ) -> tuple[float, str, bool]:
     """(threshold, rule, resolved) for good-image ``scores`` and a target false-alarm rate; see module doc."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]  # descending
+    method = _ALIASES.get(method, method)
+    s = np.sort(np.asarray(scores, dtype=np.float64))  # ascending
     n = s.size
     if n < 2:
-        raise PatchCoreError(f"calibration needs at least 2 held-out good images, got {n}")
+        raise PatchCoreError(f"calibration needs at least 2 good images, got {n}")
     if not np.isfinite(s).all():
         raise PatchCoreError("calibration scores must be finite")
     if not 0.0 < target_far < 1.0:
         raise PatchCoreError(f"the target false-alarm rate must be in (0, 1), got {target_far}")
     if method not in METHODS:
         raise PatchCoreError(f"unknown threshold method {method!r}; known: {', '.join(METHODS)}")
-    k = int(math.floor(n * target_far + 1e-9))
-    if method == "quantile" and k >= 1:
-        if k >= n:
-            return float(s[-1]), "empirical quantile", True
-        return float((s[k - 1] + s[k]) / 2.0), "empirical quantile", True
+    if method == "conformal":
+        k = math.ceil((n + 1) * (1.0 - target_far) - 1e-9)
+        # Just above the k-th smallest score, so "score >= threshold" means "above it": ties never alarm.
+        if k <= n:
+            return float(np.nextafter(s[k - 1], np.inf)), f"conformal rank {k} of {n}", True
+        return float(np.nextafter(s[-1], np.inf)), f"above all {n} (too few for the target)", False
     mean, std = float(s.mean()), float(s.std(ddof=1))
-    t = max(mean + float(norm.ppf(1.0 - target_far)) * std, float(s[0]) * _ABOVE_MAX)
-    if method == "gaussian":
-        return t, "normal fit", k >= 1
-    return t, "normal fit (n too small for the quantile)", False
+    t = max(mean + float(norm.ppf(1.0 - target_far)) * std, float(s[-1]) * _ABOVE_MAX)
+    return t, "normal fit", False
+
+
+def guarantee(n: int, target_far: float, method: str, resolved: bool) -> tuple[float | None, str]:
+    """(guaranteed false-alarm rate or None, one plain sentence) for a calibration of ``n`` good images."""
+    method = _ALIASES.get(method, method)
+    need = needed_images(target_far)
+    if method != "conformal":
+        return None, (f"The threshold extrapolates a normal fit of {n} good scores to a {target_far:.2%} "
+                      f"false-alarm rate: an estimate, with no guarantee.")
+    if resolved:
+        return target_far, (f"At most {target_far:.2%} of good parts like the {n} calibration images will be "
+                            f"rejected (split-conformal guarantee for exchangeable images).")
+    return 1.0 / (n + 1), (f"{n} good calibration images can guarantee a false-alarm rate of at most "
+                           f"{1.0 / (n + 1):.2%}, not the {target_far:.2%} asked for, which needs at least "
+                           f"{need} good images.")
 
 
 def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
@@ -125,12 +155,14 @@ def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float,
     return float(t), float(f1)
 
 
-def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: str = "quantile",
+def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: str = "conformal",
                      map_maxima: Sequence[float] | None = None, defect_scores: Sequence[float] | None = None,
                      threshold_from: str = "far", source: str = "holdout") -> Calibration:
     """A :class:`Calibration` from already computed held-out good scores (and optional defect scores)."""
+    method = _ALIASES.get(method, method)
     s = np.asarray(scores, dtype=np.float64)
     t, rule, resolved = threshold_for_far(s, target_far, method)
+    guaranteed, statement = guarantee(int(s.size), target_far, method, resolved)
     mm = np.asarray(map_maxima if map_maxima is not None else s, dtype=np.float64)
     pt, _, _ = threshold_for_far(mm, target_far, method)
     cal = Calibration(
@@ -138,7 +170,8 @@ def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: 
         n=int(s.size), mean=float(s.mean()), std=float(s.std(ddof=1)), min=float(s.min()), max=float(s.max()),
         quantiles={f"{q:g}": float(np.quantile(s, q)) for q in QUANTILES},
         holdout_far=float((s >= t).mean()), scores=[float(v) for v in s], map_maxima=[float(v) for v in mm],
-        source=source, threshold_from="far", far_threshold=t)
+        source=source, threshold_from="far", far_threshold=t, guaranteed_far=guaranteed,
+        needed_n=needed_images(target_far), statement=statement)
     if threshold_from not in ("far", "f1"):
         raise PatchCoreError(f"threshold_from must be 'far' or 'f1', got {threshold_from!r}")
     if defect_scores is not None and len(defect_scores) > 0:
@@ -150,12 +183,15 @@ def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: 
             cal.pixel_threshold = pt * ft / t
             cal.threshold, cal.threshold_from = ft, "f1"
             cal.holdout_far = float((s >= ft).mean())
+            cal.guaranteed_far, cal.statement = None, (
+                f"The threshold maximises F1 on {s.size} good and {len(d)} defective images; its false-alarm "
+                f"rate on those good images is {cal.holdout_far:.2%} (not a guarantee).")
     elif threshold_from == "f1":
         raise PatchCoreError("the F1 threshold needs labelled defect images")
     return cal
 
 
-def calibrate(model, good_images, target_far: float = 0.01, method: str = "quantile", defect_images=None,
+def calibrate(model, good_images, target_far: float = 0.01, method: str = "conformal", defect_images=None,
               threshold_from: str = "far", source: str = "holdout", skip_unreadable: bool = False,
               progress=None) -> Calibration:
     """Score held-out good images (never the ones ``model`` was fitted on) and set the model's threshold.
@@ -189,3 +225,23 @@ def normalized(score: float, threshold: float | None) -> float | None:
     if threshold is None or threshold <= 0:
         return None
     return float(score) / float(threshold)
+
+
+def mask_level(amap: np.ndarray, score: float, threshold: float | None, pixel_threshold: float | None,
+               peak_share: float = 0.25) -> float:
+    """The map value from which pixels belong to the defect mask, so that masks agree with verdicts.
+
+    A good verdict (``score < threshold``) masks nothing. An anomalous one masks every pixel at or above the
+    pixel threshold, and always at least the region around the map's peak (the pixels within
+    ``peak_share`` of the peak's height above the map's median), so the mask shows where the score came
+    from even when the map's peak stays under the pixel threshold. Without a threshold, the pixel
+    threshold alone decides (and without that, nothing is masked).
+    """
+    a = np.asarray(amap)
+    if threshold is None:
+        return float(pixel_threshold) if pixel_threshold is not None else float("inf")
+    if score < threshold:
+        return float("inf")
+    peak = float(a.max())
+    around_peak = peak - peak_share * (peak - float(np.median(a)))
+    return around_peak if pixel_threshold is None else min(float(pixel_threshold), around_peak)
