@@ -181,7 +181,9 @@ def test_unreadable_good_image_is_an_error_unless_skipped(bottle, tmp_path):
     summary = json.loads(res.stdout)
     assert [s["name"] for s in summary["skipped"]] == [str(good / "broken.png")]
     res = run("fit", good, "-o", tmp_path / "m2.safetensors", "--holdout", "0.3", "--skip-unreadable", *FAST)
-    assert "skipped 1 unreadable" in res.stderr and "broken.png" in res.stderr
+    assert "skipped 1 unreadable" in res.stderr and res.stderr.count("broken.png") == 1  # listed once
+    cal = json.loads(run("info", tmp_path / "m2.safetensors", "--json").stdout)["calibration"]
+    assert ("guarantee" in res.stdout) == bool(cal.get("statement"))  # the calibration's own sentence
 
 
 def test_subprocess_entry_point_help_and_error(tmp_path):
@@ -208,7 +210,7 @@ def test_help_explains_options_with_defaults():
 
 
 # -------------------------------------------------------------------------------------------------- evaluate
-def test_evaluate_with_report(bottle, tmp_path):
+def test_evaluate_with_report(bottle, tmp_path, monkeypatch):
     cat = tmp_path / "bottle"
     link_images(bottle / "train" / "good", cat / "train" / "good", train_names(bottle, 12))
     link_images(bottle / "test" / "good", cat / "test" / "good", ["000.png", "001.png", "002.png"])
@@ -216,15 +218,26 @@ def test_evaluate_with_report(bottle, tmp_path):
     link_images(bottle / "ground_truth" / "broken_large", cat / "ground_truth" / "broken_large",
                 ["000_mask.png", "001_mask.png", "002_mask.png"])
     out = tmp_path / "eval"
-    d = json.loads(run("evaluate", cat, "-o", out, "--report", "--json", *FAST).stdout)
+    res = run("evaluate", cat, "-o", out, "--report", "--json", *FAST)
+    assert res.stderr == ""  # --json draws no progress bars
+    d = json.loads(res.stdout)
     (r,) = d["categories"]
     assert r["category"] == "bottle" and r["n_test"] == 6 and r["image_auroc"] > 0.9
     assert (out / "results.json").is_file() and (out / "results.csv").is_file()
     page = (out / "report.html").read_text()
     assert "image AUROC" in page and "Worst misses" in page and "Worst false alarms" in page
     assert page.count("data:image/png;base64,") >= 6 and "<svg" in page
+    from patchcore import cli
+    from patchcore.evaluate import COLUMNS
+
+    monkeypatch.setattr(cli.out_console, "width", 80)  # as when piped: headers must not be broken mid-word
     human = run("evaluate", cat, *FAST).stdout
     assert "AUROC" in human and "mean" in human and "bottle" in human
+    assert max(len(line) for line in human.splitlines()) <= 80
+    words = set(human.replace("┃", " ").replace("│", " ").split())
+    for _, head, _ in COLUMNS:
+        assert set(head.split()) <= words, (head, human)
+    assert f"{r['image_auroc']:.4f}" in words  # numbers are never cut either
     assert_one_line_error(run("evaluate", cat, "-o", out, *FAST, ok=False), "already holds results")
 
 
@@ -245,3 +258,117 @@ def test_heldout_threshold_gives_target_false_alarm_rate_on_test_good(bottle, tm
     false_alarms = pred["n_anomalous"]
     lo, hi = binom.ppf(0.005, n, 0.05), binom.ppf(0.995, n, 0.05)
     assert n == 20 and lo <= false_alarms <= hi, (false_alarms, n)
+
+
+# ------------------------------------------------------------------------------------ rough edges a new user hit
+def test_demo_overwrite_replaces_only_the_demo(tmp_path):
+    from patchcore.demo import make_demo
+
+    make_demo(tmp_path, n_train=2, n_test_good=1, n_per_defect=1)  # an earlier (small) demo
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_one_line_error(run("demo", tmp_path, ok=False), "already exists", "--overwrite")
+    run("demo", tmp_path, "--overwrite")
+    assert len(list((tmp_path / "disc" / "train" / "good").iterdir())) == 60
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # A file the demo did not write inside FOLDER/disc: not ours to delete, even with --overwrite.
+    (tmp_path / "disc" / "test" / "mine.png").write_bytes(b"x")
+    assert_one_line_error(run("demo", tmp_path, "--overwrite", ok=False), "did not write")
+    assert (tmp_path / "disc" / "test" / "mine.png").exists() and (tmp_path / "disc" / "train").is_dir()
+
+
+def test_failed_predict_leaves_nothing_that_blocks_its_rerun(fitted, bottle, tmp_path):
+    model, _, _ = fitted
+    imgs = link_images(bottle / "test" / "good", tmp_path / "imgs", ["000.png", "001.png"])
+    # A PNG cut short: its header reads, so only scoring it (after the output folder is made) fails.
+    data = (bottle / "test" / "good" / "002.png").read_bytes()
+    (imgs / "cut.png").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    assert_one_line_error(run("predict", model, imgs, "-o", out, ok=False), "cut.png", "--skip-unreadable")
+    assert not out.exists()
+    # An empty folder made beforehand stays, and empty; a user's file beside results survives --overwrite.
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("predict", model, imgs, "-o", tmp_path / "empty", ok=False), "cut.png")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert_one_line_error(run("predict", model, imgs, "-o", tmp_path / "mine", "--overwrite", ok=False), "cut.png")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # A too small image is found before anything is written.
+    Image.new("RGB", (8, 8)).save(imgs / "tiny.png")
+    assert_one_line_error(run("predict", model, imgs, "-o", out, ok=False), "tiny.png", "8x8")
+    assert not out.exists()
+    # Skipping them, the same command succeeds into the same folder; each skipped file is listed once.
+    res = run("predict", model, imgs, "-o", out, "--skip-unreadable", "--map-format", "npy")
+    assert "skipped 2 unreadable" in res.stderr
+    for name in ("cut.png", "tiny.png"):
+        assert res.stderr.count(name) == 1, res.stderr
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 2
+    (imgs / "cut.png").unlink()
+    (imgs / "tiny.png").unlink()
+    run("predict", model, imgs, "-o", tmp_path / "empty", "-q")
+    assert (tmp_path / "empty" / "summary.json").is_file()
+
+
+def test_flags_take_no_value(fitted, bottle, tmp_path):
+    for cmd in ("fit", "predict", "evaluate", "info", "demo"):
+        text = run(cmd, "--help").stdout
+        assert "<bool>" not in text, (cmd, text)
+    assert "<bool>" not in run("--help").stdout
+    model, _, _ = fitted
+    img = bottle / "test" / "good" / "000.png"
+    # --report anywhere: before the arguments, between them, after -o.
+    for i, args in enumerate((("--report", model, img, "-o"), (model, "--report", img, "-o"),
+                              (model, img, "-o"))):
+        out = tmp_path / f"o{i}"
+        extra = ("--report",) if i == 2 else ()
+        res = run("predict", *args, out, *extra, "--json", "--map-format", "npy")
+        assert (out / "report.html").is_file() and json.loads(res.stdout)["report"]
+        assert res.stderr == ""  # --json: no progress bars
+    res = run("predict", model, img, "-o", tmp_path / "o3", "--report", "true", ok=False)
+    assert_one_line_error(res, "true", "take no value")
+
+
+def test_info_and_predict_speak_plainly(fitted, predicted):
+    from patchcore.cli import describe_threshold
+
+    model, _, _ = fitted
+    human = run("info", model).stdout
+    for raw in ("('", "None", "(from far)", "far)"):
+        assert raw not in human, (raw, human)
+    assert "blocks.2, blocks.4" in human
+    text = " ".join(human.replace("│", " ").split())
+    assert "calibrated for a 5% false-alarm rate on 6 good images" in text
+    cal = json.loads(run("info", model, "--json").stdout)["calibration"]
+    assert ("guarantee" in text) == bool(cal.get("statement"))
+    _, summary, _ = predicted
+    assert summary["threshold_source"] == "calibrated for a 5% false-alarm rate on 6 good images"
+    assert describe_threshold(cal, overridden=True) == "set with --threshold"
+    assert describe_threshold({"threshold_from": "f1", "f1": 0.9, "n": 6, "n_defect": 3}, False) == \
+        "best F1 (0.900) on 6 good and 3 defective images"
+    assert describe_threshold({"target_far": 0.01, "n": 209}, False) == \
+        "calibrated for a 1% false-alarm rate on 209 good images"
+
+
+def test_a_folder_given_as_the_model_is_named_as_such(fitted, tmp_path):
+    _, _, good = fitted
+    for args in (("predict", good, good, "-o", tmp_path / "o"), ("info", good)):
+        assert_one_line_error(run(*args, ok=False), "is a folder, not a model file", "written by patchcore fit")
+    assert not (tmp_path / "o").exists()
+
+
+def test_long_output_names_are_shown_whole(fitted, bottle, tmp_path, monkeypatch):
+    from patchcore import cli
+
+    model, _, _ = fitted
+    far = link_images(bottle / "test" / "good", tmp_path / "a_rather_long_folder_name" / "and_another_one",
+                      ["000.png"])
+    monkeypatch.setattr(cli.out_console, "width", 80)
+    res = run("predict", model, far / "000.png", bottle / "test" / "good" / "001.png", "-o", tmp_path / "o",
+              "--map-format", "npy")
+    names = [r["name"] for r in json.loads((tmp_path / "o" / "summary.json").read_text())["images"]]
+    assert max(len(n) for n in names) > 40
+    first_column = "".join(line.split("│")[1].strip() for line in res.stdout.splitlines() if line.startswith("│"))
+    for n in names:
+        assert n in first_column, (n, res.stdout)
+    # One folder given: names are relative to it.
+    assert cli.output_names([far / "000.png"], base=far.parent) == ["and_another_one__000"]

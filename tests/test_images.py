@@ -101,3 +101,23 @@ def test_preprocessing_resize_crop_and_back():
     assert m[0, 0] == 5 and (rows.start, rows.stop) == (19, 281) and (cols.start, cols.stop) == (25, 375)
     assert full.to_image(torch.zeros(256, 256), (300, 400)).shape == (300, 400)
     assert Preprocessing(resize=(128, 96)).input_size == (128, 96)
+
+
+def test_check_image_file_reads_the_header_only(tmp_path):
+    from patchcore.images import check_image_file
+
+    rng = np.random.default_rng(0)
+    good = _save(tmp_path / "ok.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    check_image_file(good)
+    with pytest.raises(ImageError, match="8x8 pixels"):
+        check_image_file(_save(tmp_path / "tiny.png", np.zeros((8, 8), np.uint8)))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="junk.png: not a readable image"):
+        check_image_file(tmp_path / "junk.png")
+    with pytest.raises(ImageError, match="no such file"):
+        check_image_file(tmp_path / "missing.png")
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
+    check_image_file(tmp_path / "cut.png")  # damaged past its header: only reading it all tells
+    with pytest.raises(ImageError):
+        read_image(tmp_path / "cut.png")

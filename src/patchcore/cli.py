@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -25,9 +26,13 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import ImageError, PatchCoreError
@@ -40,8 +45,29 @@ APP_HELP = (
     "`patchcore evaluate MVTEC_CATEGORY -o eval --report` measures a setting on labelled data.\n\n"
     "Exit codes: 0 ok, 1 bad input (one line 'error: ...' on stderr), 2 wrong command line.")
 
+
+class _FlagsWithoutType:
+    """Show no value type for flags in --help: recent typer (0.29) labels every flag ``<bool>``, which reads as
+    if ``--report true`` were the way to use it (``true`` would then be taken as an input path)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsWithoutType, TyperCommand):
+    pass
+
+
+class _Group(_FlagsWithoutType, TyperGroup):
+    pass
+
+
 app = typer.Typer(help=APP_HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+                  cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -187,26 +213,110 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise CliError(f"{out} already holds results (is not empty); choose another folder or pass --overwrite")
 
 
+def _clear_results(out: Path) -> None:
+    """Remove the result files and folders we write (never anything else in OUT)."""
+    for d in RESULT_DIRS:
+        if (out / d).is_dir():
+            shutil.rmtree(out / d)
+    for f in RESULT_FILES:
+        if (out / f).is_file():
+            (out / f).unlink()
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Check the folder as _check_out_dir does; then clear our earlier results only."""
     _check_out_dir(out, overwrite)
     if out.is_dir() and any(out.iterdir()):
-        for d in RESULT_DIRS:
-            if (out / d).is_dir():
-                shutil.rmtree(out / d)
-        for f in RESULT_FILES:
-            if (out / f).is_file():
-                (out / f).unlink()
+        _clear_results(out)
     if not out.parent.is_dir():
         raise CliError(f"{out.parent}: folder does not exist")
     out.mkdir(exist_ok=True)
+
+
+@contextlib.contextmanager
+def _results_folder(out: Path, overwrite: bool):
+    """Prepare OUT for this run's results; if the run fails (or is interrupted), remove what it wrote, and OUT
+    itself if this run made it, so that the same command can simply be run again."""
+    made = not out.exists()
+    _prepare_out_dir(out, overwrite)
+    try:
+        yield out
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _clear_results(out)
+            if made:
+                out.rmdir()  # only when empty: never takes anything else with it
+        raise
+
+
+def _skip_reason(name: str, reason: str) -> str:
+    """The reason without the leading "NAME: " that ImageError messages carry (the name is shown beside it)."""
+    return reason[len(name) + 2:] if reason.startswith(f"{name}: ") else reason
+
+
+def _skipped_json(skipped: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"name": n, "reason": _skip_reason(n, r)} for n, r in skipped]
 
 
 def _print_skipped(skipped: list[tuple[str, str]], quiet: bool) -> None:
     if skipped and not quiet:
         err_console.print(f"skipped {len(skipped)} unreadable image(s):", style="yellow")
         for name, reason in skipped:
-            err_console.print(f"  {name}: {reason}", markup=False)
+            err_console.print(f"  {name}: {_skip_reason(name, reason)}", markup=False, soft_wrap=True)
+
+
+def _load_model(path: Path, device: str = "cpu"):
+    """PatchCore.load, after the mistakes the CLI can name better (a folder given where the model goes)."""
+    from .model import PatchCore
+
+    if path.is_dir():
+        raise CliError(f"{path} is a folder, not a model file (.safetensors written by patchcore fit)")
+    return PatchCore.load(path, device=device)
+
+
+# Model settings whose constructor names say little to people (the rest read fine with spaces for "_").
+PARAM_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "score neighbours (Eq. 7 b)",
+                "sigma": "map smoothing (sigma, px)", "target_dim": "feature width", "coreset_ratio": "coreset ratio",
+                "projection_dim": "coreset projection width", "border_pad": "border padding (px)",
+                "calibration_folds": "calibration folds"}
+
+
+def _percent(rate: float) -> str:
+    return f"{100 * rate:.3g}%"
+
+
+THRESHOLD_OVERRIDDEN = "set with --threshold"
+
+
+def describe_threshold(calibration: dict[str, Any], overridden: bool) -> str:
+    """Where the image threshold comes from, as a short phrase for people (tables, summaries, reports)."""
+    if overridden:
+        return THRESHOLD_OVERRIDDEN
+    if not calibration:
+        return "not calibrated"
+    n = calibration.get("n")
+    on = f" on {n} good images" if n else ""
+    if calibration.get("threshold_from") == "f1":
+        f1, n_defect = calibration.get("f1"), calibration.get("n_defect")
+        return (f"best F1{f' ({f1:.3f})' if f1 is not None else ''} on {n or 'the'} good and "
+                f"{n_defect or 'the'} defective images")
+    far = calibration.get("target_far")
+    if far is None:
+        return f"calibrated{on}"
+    return f"calibrated for a {_percent(far)} false-alarm rate{on}"
+
+
+def _show(value: Any) -> str:
+    """A setting's value for people: no Python reprs (tuples, None, True)."""
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _image_error_hint(e: ImageError) -> CliError:
@@ -277,7 +387,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 # ----------------------------------------------------------------------------------------------- fit
-@app.command()
+@app.command(cls=_Command)
 @_handles_errors
 def fit(
     data: Annotated[Path, typer.Argument(help="Good images: a folder of them, an MVTec category (uses "
@@ -351,7 +461,7 @@ def fit(
     model = PatchCore(**params)
     t0 = time.perf_counter()
     try:
-        with _Progress(not quiet) as prog:
+        with _Progress(not (quiet or json_out)) as prog:
             model.fit(fit_imgs, skip_unreadable=skip_unreadable, progress=prog)
             skipped = list(model.skipped_)
             prog.stage("calibrating")
@@ -365,6 +475,7 @@ def fit(
                       "n_fit_images": int(model.fit_info_["n_images"]), "data": str(data), "layout": layout,
                       "holdout_images": [p.name for p in hold_imgs]})
     cal.apply(model)
+    cal_dict = cal.to_dict()
     model.save(output, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     info = model.fit_info_
@@ -382,7 +493,8 @@ def fit(
         "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,
         "holdout_far": cal.holdout_far, "good_score_mean": cal.mean, "good_score_std": cal.std,
         "good_score_max": cal.max, "seconds": seconds, "params": model.get_params(),
-        "skipped": [{"name": n, "reason": r} for n, r in skipped], "warning": warning,
+        "threshold_source": describe_threshold(cal_dict, False), "guarantee": cal_dict.get("statement") or None,
+        "skipped": _skipped_json(skipped), "warning": warning,
     }
     if json_out:
         _emit_json(summary)
@@ -397,11 +509,13 @@ def fit(
     rows = [("good images", f"{len(goods)} ({layout})"),
             ("fitted on", f"{info['n_images']} images -> memory bank of {info['bank_size']} patches"),
             ("calibrated on", f"{cal.n} good images ({source})"),
-            ("threshold", f"{cal.threshold:.6g}  (from {'F1 on defects' if cal.threshold_from == 'f1' else 'target false-alarm rate'})"),
-            ("target false-alarm rate", f"{target_far:g}  ({cal.rule})"),
-            ("held-out false-alarm rate", f"{cal.holdout_far:.3f}"),
+            ("threshold", f"{cal.threshold:.6g}  ({describe_threshold(cal_dict, False)})"),
+            ("target false-alarm rate", f"{_percent(target_far)}; rule: {cal.rule}"),
+            ("held-out false-alarm rate", _percent(cal.holdout_far)),
             ("good scores", f"mean {cal.mean:.4g}, std {cal.std:.3g}, max {cal.max:.4g}"),
             ("pixel threshold (masks)", f"{cal.pixel_threshold:.6g}")]
+    if cal_dict.get("statement"):
+        rows.append(("guarantee", str(cal_dict["statement"])))
     if cal.f1_threshold is not None:
         rows.append(("F1-optimal threshold", f"{cal.f1_threshold:.6g}  (F1 {cal.f1:.3f} on {cal.n} good + "
                                              f"{cal.n_defect} defective)"))
@@ -420,6 +534,8 @@ def _collect_images(inputs: list[Path]) -> list[Path]:
     seen: set[Path] = set()
     for p in inputs:
         if not p.exists():
+            if str(p).lower() in ("true", "false", "yes", "no", "on", "off"):  # e.g. `--report true`
+                raise CliError(f"{p}: no such file or folder (flags such as --report take no value)")
             raise CliError(f"{p}: no such file or folder")
         if p.is_dir():
             # A folder of images, or of folders of images (e.g. test/good, test/scratch): one level down,
@@ -441,10 +557,12 @@ def _collect_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def output_names(files: list[Path]) -> list[str]:
-    """Unique file stems for the results: the path relative to the images' common folder, '/' -> '__'."""
+def output_names(files: list[Path], base: Path | None = None) -> list[str]:
+    """Unique file stems for the results: the path relative to ``base`` (the one folder given) or else to the
+    images' common folder, '/' -> '__'."""
     resolved = [Path(os.path.abspath(f)) for f in files]  # not resolve(): keep the user's (symlinked) folders
-    common = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    common = Path(os.path.abspath(base)) if base is not None else \
+        Path(os.path.commonpath([str(r.parent) for r in resolved]))
     names = ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
     if len(set(names)) < len(names):  # same stem, other extension
         names = ["__".join(r.relative_to(common).parts).replace(".", "_") for r in resolved]
@@ -457,7 +575,7 @@ def folder_labels(files: list[Path]) -> list[int] | None:
     return labels if len(set(labels)) == 2 else None
 
 
-@app.command()
+@app.command(cls=_Command)
 @_handles_errors
 def predict(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`.",
@@ -484,85 +602,83 @@ def predict(
     overlays/NAME.png (heat map blended on the image, white outline = defect mask) and masks/NAME.png
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
-    from .images import read_image
-    from .model import PatchCore
+    from .images import check_image_file, read_image
     from .visualize import mask_at, overlay, save_map_png, save_png
 
     _check_out_parent(output)
-    if output.exists() and not output.is_dir():
-        raise CliError(f"{output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CliError(f"{output} already holds results (is not empty); choose another folder or pass --overwrite")
-    model = PatchCore.load(model_path, device=device)
+    _check_out_dir(output, overwrite)
+    model = _load_model(model_path, device=device)
     model.batch_size = batch_size
     files = _collect_images(images)
     cal = dict(model.calibration_ or {})
     if threshold is not None:
         if threshold <= 0:
             raise CliError(f"--threshold must be positive, got {threshold}")
-        thr, thr_source = float(threshold), "--threshold"
+        thr = float(threshold)
         ratio = cal.get("pixel_threshold", thr) / model.threshold_ if model.threshold_ else 1.0
         pix = thr * ratio
     elif model.threshold_ is not None:
         thr = float(model.threshold_)
-        thr_source = f"model ({cal.get('threshold_from', 'far')}: {cal.get('rule', 'calibrated')}, target " \
-                     f"false-alarm rate {cal.get('target_far', '?')})"
         pix = float(cal.get("pixel_threshold", thr))
     else:
         raise CliError(f"{model_path} has no calibrated threshold; refit it with `patchcore fit` or pass --threshold")
+    thr_source = describe_threshold(cal, overridden=threshold is not None)
     model.threshold_ = thr
-    names = output_names(files)
+    names = output_names(files, base=images[0] if len(images) == 1 and images[0].is_dir() else None)
     by_path = {str(f): (f, n) for f, n in zip(files, names)}
-    _prepare_out_dir(output, overwrite)
-    for d in RESULT_DIRS:
-        (output / d).mkdir()
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
     try:
-        with _Progress(not quiet) as prog:
-            for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
-                f, stem = by_path[pred.name]
-                img = read_image(f)
-                amap = pred.anomaly_map
-                row: dict[str, Any] = {"name": stem, "path": str(f), "score": float(pred.score),
-                                       "normalized_score": pred.normalized_score,
-                                       "verdict": "anomalous" if pred.is_anomalous else "good", "threshold": thr,
-                                       "pixel_threshold": pix, "width": int(img.shape[1]),
-                                       "height": int(img.shape[0])}
-                mask = mask_at(amap, pix)
-                row["defect_area_fraction"] = float(mask.mean())
-                if map_format in (MapFormat.npy, MapFormat.both):
-                    np.save(output / "maps" / f"{stem}.npy", amap)
-                    row["map_npy"] = f"maps/{stem}.npy"
-                if map_format in (MapFormat.png, MapFormat.both):
-                    save_map_png(output / "maps" / f"{stem}.png", amap, pix)
-                    row["map_png"] = f"maps/{stem}.png"
-                save_png(output / "overlays" / f"{stem}.png", overlay(img, amap, pix))
-                save_png(output / "masks" / f"{stem}.png", mask)
-                row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
-                rows.append(row)
+        if not skip_unreadable:  # a header read per file finds most bad images before anything is written
+            for f in files:
+                check_image_file(f)
+        with _results_folder(output, overwrite):
+            for d in RESULT_DIRS:
+                (output / d).mkdir()
+            rows: list[dict[str, Any]] = []
+            t0 = time.perf_counter()
+            with _Progress(not (quiet or json_out)) as prog:
+                for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
+                    f, stem = by_path[pred.name]
+                    img = read_image(f)
+                    amap = pred.anomaly_map
+                    row: dict[str, Any] = {"name": stem, "path": str(f), "score": float(pred.score),
+                                           "normalized_score": pred.normalized_score,
+                                           "verdict": "anomalous" if pred.is_anomalous else "good",
+                                           "threshold": thr, "pixel_threshold": pix, "width": int(img.shape[1]),
+                                           "height": int(img.shape[0])}
+                    mask = mask_at(amap, pix)
+                    row["defect_area_fraction"] = float(mask.mean())
+                    if map_format in (MapFormat.npy, MapFormat.both):
+                        np.save(output / "maps" / f"{stem}.npy", amap)
+                        row["map_npy"] = f"maps/{stem}.npy"
+                    if map_format in (MapFormat.png, MapFormat.both):
+                        save_map_png(output / "maps" / f"{stem}.png", amap, pix)
+                        row["map_png"] = f"maps/{stem}.png"
+                    save_png(output / "overlays" / f"{stem}.png", overlay(img, amap, pix))
+                    save_png(output / "masks" / f"{stem}.png", mask)
+                    row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
+                    rows.append(row)
+            skipped = list(model.skipped_)
+            seconds = time.perf_counter() - t0
+            if not rows:
+                raise CliError("no readable images to score")
+            n_anom = sum(r["verdict"] == "anomalous" for r in rows)
+            summary = {
+                "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thr_source,
+                "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
+                "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
+                "mask": "map >= pixel_threshold (calibrated like the image threshold, on held-out good maps' maxima)",
+                "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
+                "skipped": _skipped_json(skipped), "images": rows,
+            }
+            _write_csv(output / "summary.csv", rows)
+            from .evaluate import jsonable
+
+            (output / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
+            if report:
+                _predict_report(output, model, model_path, summary, files, names, rows)
+                summary["report"] = str(output / "report.html")
     except ImageError as e:
         raise _image_error_hint(e) from None
-    skipped = list(model.skipped_)
-    seconds = time.perf_counter() - t0
-    if not rows:
-        raise CliError("no readable images to score")
-    n_anom = sum(r["verdict"] == "anomalous" for r in rows)
-    summary = {
-        "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thr_source,
-        "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
-        "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
-        "mask": "map >= pixel_threshold (calibrated like the image threshold, on held-out good maps' maxima)",
-        "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
-        "skipped": [{"name": n, "reason": r} for n, r in skipped], "images": rows,
-    }
-    _write_csv(output / "summary.csv", rows)
-    from .evaluate import jsonable
-
-    (output / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
-    if report:
-        _predict_report(output, model, model_path, summary, files, names, rows)
-        summary["report"] = str(output / "report.html")
     if json_out:
         _emit_json(summary)
     _print_skipped(skipped, quiet or json_out)
@@ -591,17 +707,18 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def _print_predictions(rows: list[dict[str, Any]], summary: dict[str, Any], output: Path, limit: int = 40) -> None:
     shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: -r["score"])[:limit]
     t = Table(title=None if len(rows) <= limit else f"the {limit} highest scores of {len(rows)}")
-    for col, just in (("image", "left"), ("score", "right"), ("normalised", "right"), ("verdict", "left"),
-                      ("defect area", "right")):
-        t.add_column(col, justify=just)
+    # Names fold rather than being cut: people look them up in OUTPUT; the numbers never wrap.
+    t.add_column("image", overflow="fold")
+    for col, just in (("score", "right"), ("normalised", "right"), ("verdict", "left"), ("defect area", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
     for r in shown:
         style = "bold red" if r["verdict"] == "anomalous" else "green"
-        t.add_row(r["name"], f"{r['score']:.4f}", f"{r['normalized_score']:.3f}",
+        t.add_row(Text(r["name"]), f"{r['score']:.4f}", f"{r['normalized_score']:.3f}",
                   f"[{style}]{r['verdict']}[/]", f"{r['defect_area_fraction']:.2%}")
     out_console.print(t)
     out_console.print(f"{summary['n_images']} images: [bold red]{summary['n_anomalous']} anomalous[/], "
                       f"[green]{summary['n_good']} good[/] at threshold {summary['threshold']:.6g} "
-                      f"({summary['threshold_source']}); results in {output}", markup=True)
+                      f"({escape(summary['threshold_source'])}); results in {escape(str(output))}", markup=True)
 
 
 def _predict_report(output: Path, model, model_path: Path, summary: dict[str, Any], files: list[Path],
@@ -641,6 +758,9 @@ def _predict_report(output: Path, model, model_path: Path, summary: dict[str, An
                  f"{int((s[~y] >= summary['threshold']).sum())} / {int((~y).sum())}"]
     cal = model.calibration_ or {}
     settings = {"model file": str(model_path), "threshold source": summary["threshold_source"],
+                # the calibration's guarantee holds for its own threshold only, not one set with --threshold
+                **({"guarantee": cal["statement"]} if cal.get("statement")
+                   and summary["threshold_source"] != THRESHOLD_OVERRIDDEN else {}),
                 "normalised score": summary["normalized_score"], "mask": summary["mask"],
                 **{k: v for k, v in model.get_params().items()},
                 **{f"calibration {k}": cal[k] for k in ("method", "rule", "target_far", "n", "mean", "std", "max",
@@ -651,7 +771,7 @@ def _predict_report(output: Path, model, model_path: Path, summary: dict[str, An
 
 
 # ------------------------------------------------------------------------------------------ evaluate
-@app.command()
+@app.command(cls=_Command)
 @_handles_errors
 def evaluate(
     data: Annotated[Path, typer.Argument(help="An MVTec category folder, a folder layout (good/, defect/, "
@@ -690,7 +810,7 @@ def evaluate(
     folders = find_categories(data, category)
     sections = []
     merged = None
-    with _Progress(not quiet) as prog:
+    with _Progress(not (quiet or json_out)) as prog:
         for folder in folders:
             prog.prefix = f"{folder.name}: " if len(folders) > 1 else ""
             prog.stage("scoring")
@@ -708,11 +828,11 @@ def evaluate(
     assert merged is not None
     merged.dataset = str(data)
     if output is not None:
-        _prepare_out_dir(output, overwrite)
-        merged.to_json(output / "results.json", overwrite=True)
-        merged.to_csv(output / "results.csv", overwrite=True)
-        if report:
-            _evaluation_report(output / "report.html", merged, sections)
+        with _results_folder(output, overwrite):
+            merged.to_json(output / "results.json", overwrite=True)
+            merged.to_csv(output / "results.csv", overwrite=True)
+            if report:
+                _evaluation_report(output / "report.html", merged, sections)
     if json_out:
         d = merged.to_dict()
         if output is not None:
@@ -722,18 +842,32 @@ def evaluate(
         _emit_json(d)
     if quiet or json_out:
         return
-    from .evaluate import COLUMNS
-
-    t = Table(title=f"PatchCore on {data}", title_justify="left")
-    for i, (_, head, _) in enumerate(COLUMNS):
-        t.add_column(head, justify="left" if i == 0 else "right")
-    rows = merged.table_rows()
-    for j, r in enumerate(rows):
-        t.add_row(*["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in COLUMNS],
-                  end_section=(j == len(rows) - 2))
-    out_console.print(t)
+    out_console.print(_evaluation_table(merged, f"PatchCore on {data}"))
     if output is not None:
         out_console.print(f"results in {output}" + (f" (report: {output / 'report.html'})" if report else ""))
+
+
+def _evaluation_table(rep, title: str) -> Table:
+    """The metrics table, in the first of three layouts that fits the console (80 columns when piped): boxed
+    with one-line headers; borderless with headers on two lines; the same without padding. Headers are
+    split only where they have a space, and numbers never wrap, rather than rich breaking them anywhere."""
+    from .evaluate import COLUMNS
+
+    rows = rep.table_rows()
+    layouts = ({}, dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True),
+               dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0)))
+    for n, layout in enumerate(layouts):
+        t = Table(title=Text(title), title_justify="left", **layout)
+        for i, (_, head, _) in enumerate(COLUMNS):
+            t.add_column(head.replace(" ", "\n", 1) if n else head, justify="left" if i == 0 else "right",
+                         no_wrap=True)
+        for j, r in enumerate(rows):
+            t.add_row(*["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in COLUMNS],
+                      end_section=(j == len(rows) - 2))
+        wide = out_console.options.update_width(10_000)  # the table's natural width, not capped
+        if out_console.measure(t, options=wide).maximum <= out_console.width:
+            break
+    return t
 
 
 def _evaluation_section(res):
@@ -772,7 +906,7 @@ def _evaluation_report(path: Path, rep, sections) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- info
-@app.command()
+@app.command(cls=_Command)
 @_handles_errors
 def info(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`.",
@@ -780,9 +914,7 @@ def info(
     json_out: JsonOut = False,
 ) -> None:
     """Show a model file's settings, training summary, threshold and calibration."""
-    from .model import PatchCore
-
-    model = PatchCore.load(model_path, device="cpu")
+    model = _load_model(model_path)
     cal = dict(model.calibration_ or {})
     d = {"model": str(model_path), "size_bytes": model_path.stat().st_size, "params": model.get_params(),
          "fit_info": model.fit_info_, "threshold": model.threshold_, "calibration": cal}
@@ -793,21 +925,24 @@ def info(
     t.add_column(style="bold")
     t.add_column()
     for k, v in model.get_params().items():
-        t.add_row(k, str(v))
+        t.add_row(PARAM_LABELS.get(k, k.replace("_", " ")), Text(_show(v)))
     fi = model.fit_info_
     t.add_row("fitted on", f"{fi.get('n_images')} images, memory bank {fi.get('bank_size')} x "
                            f"{fi.get('feature_dim')}, {fi.get('fit_seconds', 0):.1f} s")
     if model.threshold_ is None:
         t.add_row("threshold", "none (not calibrated: `patchcore predict` needs --threshold)")
     else:
-        t.add_row("threshold", f"{model.threshold_:.6g} (from {cal.get('threshold_from', '?')})")
+        t.add_row("threshold", Text(f"{model.threshold_:.6g} ({describe_threshold(cal, False)})"))
+        if cal.get("statement"):
+            t.add_row("guarantee", Text(str(cal["statement"])))
         if "pixel_threshold" in cal:
             t.add_row("pixel threshold", f"{cal['pixel_threshold']:.6g}")
         if "target_far" in cal:
-            t.add_row("calibration", f"{cal.get('method')} / {cal.get('rule')}, target false-alarm rate "
-                                     f"{cal['target_far']:g}, {cal.get('n')} good images ({cal.get('source')})")
-            t.add_row("held-out good scores", f"mean {cal['mean']:.4g}, std {cal['std']:.3g}, max {cal['max']:.4g}, "
-                                              f"false-alarm rate at threshold {cal['holdout_far']:.3f}")
+            t.add_row("calibration", Text(f"{cal.get('method')}: {cal.get('rule')}; target false-alarm rate "
+                                          f"{_percent(cal['target_far'])}, {cal.get('n')} good images "
+                                          f"({cal.get('source')})"))
+            t.add_row("calibration scores", f"mean {cal['mean']:.4g}, std {cal['std']:.3g}, max {cal['max']:.4g}; "
+                                            f"{_percent(cal['holdout_far'])} of them at or above the threshold")
         if cal.get("f1_threshold") is not None:
             t.add_row("F1-optimal threshold", f"{cal['f1_threshold']:.6g} (F1 {cal['f1']:.3f}, "
                                               f"{cal.get('n_defect')} defective images)")
@@ -815,11 +950,13 @@ def info(
     out_console.print(t)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_handles_errors
 def demo(
     folder: Annotated[Path, typer.Argument(help="Folder to create the demo category in (as FOLDER/disc).")],
     seed: Annotated[int, typer.Option(help="Random seed of the generated images.")] = 0,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an earlier demo in FOLDER/disc (nothing else in FOLDER is touched).")] = False,
 ) -> None:
     """Generate a small synthetic data set in the MVTec layout (machined discs; scratches, dents, chips).
 
@@ -828,8 +965,13 @@ def demo(
     """
     from .demo import make_demo
 
-    cat = make_demo(folder, seed=seed)
-    out_console.print(f"wrote {cat} (train/good, test/<type>, ground_truth/<type>)")
+    cat = folder / "disc"
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{folder} exists and is not a folder")
+    if cat.is_dir() and any(cat.iterdir()) and not overwrite:
+        raise CliError(f"{cat} already exists; choose another folder or pass --overwrite (replaces {cat} only)")
+    make_demo(folder, seed=seed, overwrite=overwrite)
+    out_console.print(f"wrote {escape(str(cat))} (train/good, test/<type>, ground_truth/<type>)")
 
 
 # ---------------------------------------------------------------------------------------------- main

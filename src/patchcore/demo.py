@@ -9,6 +9,8 @@ not shipped, so it is the same on every machine and carries no licence of its ow
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +72,36 @@ def _write(path: Path, img: np.ndarray) -> None:
     Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
+def _is_earlier_demo(cat: Path) -> bool:
+    """True when everything under ``cat`` is named as make_demo names its own folders and files."""
+    kinds = "|".join(DEFECTS)
+    folders = re.compile(rf"train|train/good|test|test/(good|{kinds})|ground_truth|ground_truth/({kinds})")
+    files = re.compile(rf"(train/good|test/(good|{kinds}))/\d+\.png|ground_truth/({kinds})/\d+_mask\.png")
+    for p in cat.rglob("*"):
+        rel = p.relative_to(cat).as_posix()
+        if p.is_symlink() or not (folders if p.is_dir() else files).fullmatch(rel):
+            return False
+    return True
+
+
 def make_demo(root: str | os.PathLike, n_train: int = 60, n_test_good: int = 12, n_per_defect: int = 8,
-              seed: int = 0) -> Path:
+              seed: int = 0, overwrite: bool = False) -> Path:
     """Write the demo category ``root/disc`` in the MVTec layout and return its folder.
 
-    Refuses to write into a folder that already holds files, so nothing of the user's is overwritten.
+    Refuses to write into a ``root/disc`` that already holds files, so nothing of the user's is overwritten.
+    With ``overwrite``, an earlier demo there is replaced; still refused when ``root/disc`` holds anything
+    the demo does not write (then it is not ours to delete). Nothing outside ``root/disc`` is touched.
     """
     root = Path(root)
     cat = root / "disc"
+    if cat.exists() and not cat.is_dir():
+        raise DatasetError(f"{cat} exists and is not a folder; pick another folder")
     if cat.exists() and any(cat.iterdir()):
-        raise DatasetError(f"{cat} already exists and is not empty; pick another folder")
+        if not overwrite:
+            raise DatasetError(f"{cat} already exists and is not empty; pick another folder or pass overwrite=True")
+        if cat.is_symlink() or not _is_earlier_demo(cat):
+            raise DatasetError(f"{cat} holds files the demo did not write; not replacing it, pick another folder")
+        shutil.rmtree(cat)
     rng = np.random.default_rng(seed)
     (cat / "train" / "good").mkdir(parents=True, exist_ok=True)
     (cat / "test" / "good").mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_rgb(a, name=str(path))
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Cheap check before long work: the file opens as an image of at least MIN_SIDE pixels (header only).
+
+    Raises the ImageError that :func:`read_image` would; a file whose pixel data is damaged past its header
+    still passes (only reading it all can tell).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{path}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+
+
 @dataclass(frozen=True)
 class Item:
     """One image to process: a display name and where to get its pixels."""
