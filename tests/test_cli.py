@@ -41,11 +41,11 @@ def train_names(bottle, n, step=1):
 
 @pytest.fixture(scope="module")
 def fitted(bottle, tmp_path_factory):
-    """A model fitted by `patchcore fit` on 20 good bottle images (14 fitted, 6 held out)."""
+    """A model fitted by `patchcore fit` on 14 good bottle images, calibrated on all 14 by 4-fold cross-fitting."""
     root = tmp_path_factory.mktemp("fit")
-    good = link_images(bottle / "train" / "good", root / "good", train_names(bottle, 20))
+    good = link_images(bottle / "train" / "good", root / "good", train_names(bottle, 14))
     model = root / "model.safetensors"
-    res = run("fit", good, "-o", model, "--holdout", "0.3", "--target-far", "0.05", "--json",
+    res = run("fit", good, "-o", model, "--folds", "4", "--target-far", "0.05", "--json",
               "--defects", link_images(bottle / "test" / "broken_large", root / "defects",
                                        ["000.png", "001.png", "002.png"]), *FAST)
     return model, json.loads(res.stdout), good
@@ -55,11 +55,13 @@ def fitted(bottle, tmp_path_factory):
 def test_fit_writes_model_with_calibrated_threshold(fitted):
     model, summary, _ = fitted
     assert model.is_file()
-    assert summary["n_fit"] == 14 and summary["n_calibration"] == 6 and summary["n_defect"] == 3
-    assert summary["threshold"] > summary["good_score_max"]  # 6 images cannot resolve 5 %: above all of them
-    assert summary["resolved"] is False and "normal fit" in summary["rule"]
+    assert summary["n_fit"] == 14 and summary["n_calibration"] == 14 and summary["n_defect"] == 3
+    assert "4-fold cross-fit" in summary["calibration_source"]
+    assert summary["threshold"] > summary["good_score_max"]  # 14 images cannot guarantee 5 %: above all of them
+    assert summary["resolved"] is False and summary["guaranteed_far"] == pytest.approx(1 / 15)
+    assert summary["needed_n"] == 19 and "needs at least 19 good images" in summary["guarantee"]
     assert summary["f1_threshold"] is not None
-    assert summary["warning"] and "cannot resolve" in summary["warning"]
+    assert summary["warning"] == summary["guarantee"]
 
 
 def test_info_shows_threshold_and_calibration(fitted):
@@ -67,10 +69,11 @@ def test_info_shows_threshold_and_calibration(fitted):
     d = json.loads(run("info", model, "--json").stdout)
     assert d["threshold"] == pytest.approx(summary["threshold"])
     cal = d["calibration"]
-    for key in ("method", "rule", "n", "mean", "std", "quantiles", "target_far", "pixel_threshold", "holdout_images",
-                "f1_threshold"):
+    for key in ("method", "rule", "n", "mean", "std", "quantiles", "target_far", "pixel_threshold", "scores",
+                "f1_threshold", "statement", "guaranteed_far"):
         assert key in cal
-    assert cal["n"] == 6 and cal["target_far"] == 0.05 and len(cal["holdout_images"]) == 6
+    assert cal["n"] == 14 and cal["target_far"] == 0.05 and len(cal["scores"]) == 14 and cal["folds"] == 4
+    assert d["params"]["target_far"] == 0.05
     human = run("info", model).stdout
     assert "threshold" in human and "efficientnet_lite0" in human
 
@@ -80,7 +83,7 @@ def test_fit_refuses_existing_model_and_mvtec_layout_uses_train_good(fitted, tmp
     assert_one_line_error(run("fit", good, "-o", model, *FAST, ok=False), "already exists", "--overwrite")
     mvtec = tmp_path / "cat"
     link_images(good, mvtec / "train" / "good", sorted(p.name for p in good.iterdir())[:6])
-    res = run("fit", mvtec, "-o", tmp_path / "m.safetensors", "--holdout", "0.34", "-q", *FAST)
+    res = run("fit", mvtec, "-o", tmp_path / "m.safetensors", "-q", *FAST)
     assert res.stdout == "" and (tmp_path / "m.safetensors").is_file()
 
 
@@ -174,16 +177,16 @@ def test_bad_paths_and_model_files(fitted, tmp_path):
 def test_unreadable_good_image_is_an_error_unless_skipped(bottle, tmp_path):
     good = link_images(bottle / "train" / "good", tmp_path / "good", train_names(bottle, 8))
     (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    res = run("fit", good, "-o", tmp_path / "m.safetensors", "--holdout", "0.3", *FAST, ok=False)
+    res = run("fit", good, "-o", tmp_path / "m.safetensors", *FAST, ok=False)
     assert_one_line_error(res, "broken.png", "--skip-unreadable")
     assert not (tmp_path / "m.safetensors").exists()
-    res = run("fit", good, "-o", tmp_path / "m.safetensors", "--holdout", "0.3", "--skip-unreadable", "--json", *FAST)
+    res = run("fit", good, "-o", tmp_path / "m.safetensors", "--skip-unreadable", "--json", *FAST)
     summary = json.loads(res.stdout)
     assert [s["name"] for s in summary["skipped"]] == [str(good / "broken.png")]
-    res = run("fit", good, "-o", tmp_path / "m2.safetensors", "--holdout", "0.3", "--skip-unreadable", *FAST)
+    res = run("fit", good, "-o", tmp_path / "m2.safetensors", "--skip-unreadable", *FAST)
     assert "skipped 1 unreadable" in res.stderr and res.stderr.count("broken.png") == 1  # listed once
     cal = json.loads(run("info", tmp_path / "m2.safetensors", "--json").stdout)["calibration"]
-    assert ("guarantee" in res.stdout) == bool(cal.get("statement"))  # the calibration's own sentence
+    assert "guarantee" in res.stdout and cal["statement"]  # the calibration's own sentence
 
 
 def test_subprocess_entry_point_help_and_error(tmp_path):
@@ -199,7 +202,7 @@ def test_subprocess_entry_point_help_and_error(tmp_path):
 
 
 def test_help_explains_options_with_defaults():
-    for cmd, needles in (("fit", ["--holdout", "[default: 0.2]", "--target-far", "--validation", "--defects",
+    for cmd, needles in (("fit", ["--folds", "[default: 5]", "--target-far", "conformal", "--border-pad", "--validation", "--defects",
                                   "--skip-unreadable", "--overwrite", "--json", "--quiet"]),
                          ("predict", ["--threshold", "--map-format", "--report", "[default: both]"]),
                          ("evaluate", ["--category", "--report", "--output"]),
@@ -242,16 +245,15 @@ def test_evaluate_with_report(bottle, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- threshold on real data
-def test_heldout_threshold_gives_target_false_alarm_rate_on_test_good(bottle, tmp_path):
-    """Fit on 30 good images, calibrate 5 % on 30 others; test/good's (20) false-alarm rate must be plausible.
-
-    Tolerance: the observed count must lie in the central 99 % of Binomial(20, 0.05), i.e. 0 to 4 of 20.
+def test_cross_fitted_threshold_gives_target_false_alarm_rate_on_test_good(bottle, tmp_path):
+    """Fit on 60 good images, calibrate 5 % on all 60 cross-fitted; test/good's (20) false-alarm rate must be
+    plausible. Tolerance: the count must lie in the central 99 % of Binomial(20, 0.05), i.e. 0 to 4 of 20.
     """
     good = link_images(bottle / "train" / "good", tmp_path / "good", train_names(bottle, 60, step=3))
     model = tmp_path / "m.safetensors"
-    fit = json.loads(run("fit", good, "-o", model, "--holdout", "0.5", "--target-far", "0.05", "--json", *FAST).stdout)
-    assert fit["n_calibration"] == 30 and fit["resolved"] and fit["rule"] == "empirical quantile"
-    assert fit["holdout_far"] <= 0.05
+    fit = json.loads(run("fit", good, "-o", model, "--target-far", "0.05", "--json", *FAST).stdout)
+    assert fit["n_calibration"] == 60 and fit["resolved"] and fit["rule"] == "conformal rank 58 of 60"
+    assert fit["calibration_far"] <= 0.05 and fit["guaranteed_far"] == 0.05
     pred = json.loads(run("predict", model, bottle / "test" / "good", "-o", tmp_path / "o", "--json",
                           "--map-format", "npy").stdout)
     n = pred["n_images"]
@@ -337,11 +339,11 @@ def test_info_and_predict_speak_plainly(fitted, predicted):
         assert raw not in human, (raw, human)
     assert "blocks.2, blocks.4" in human
     text = " ".join(human.replace("│", " ").split())
-    assert "calibrated for a 5% false-alarm rate on 6 good images" in text
+    assert "calibrated for a 5% false-alarm rate on 14 good images" in text
     cal = json.loads(run("info", model, "--json").stdout)["calibration"]
-    assert ("guarantee" in text) == bool(cal.get("statement"))
+    assert "guarantee" in text and cal["statement"] in text
     _, summary, _ = predicted
-    assert summary["threshold_source"] == "calibrated for a 5% false-alarm rate on 6 good images"
+    assert summary["threshold_source"] == "calibrated for a 5% false-alarm rate on 14 good images"
     assert describe_threshold(cal, overridden=True) == "set with --threshold"
     assert describe_threshold({"threshold_from": "f1", "f1": 0.9, "n": 6, "n_defect": 3}, False) == \
         "best F1 (0.900) on 6 good and 3 defective images"

@@ -90,7 +90,7 @@ def test_calibration_statistics_and_f1_threshold():
     assert cal.n == 50 and cal.resolved and cal.threshold_from == "far"
     assert cal.mean == pytest.approx(1.5) and cal.max == pytest.approx(2.0)
     assert set(cal.quantiles) == {"0.5", "0.9", "0.95", "0.99"}
-    assert cal.holdout_far <= 0.1
+    assert cal.calibration_far <= 0.1
     assert cal.f1_threshold is not None and cal.n_defect == 4
     f1_cal = calibrate_scores(good, target_far=0.1, defect_scores=bad, threshold_from="f1")
     assert f1_cal.threshold == pytest.approx(f1_cal.f1_threshold)

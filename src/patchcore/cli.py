@@ -16,7 +16,6 @@ import sys
 import contextlib
 import csv
 import functools
-import hashlib
 import json
 import shutil
 import time
@@ -143,6 +142,8 @@ class _Progress:
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
+            if exc[0] is not None:  # an error ends the run: leave its one line alone on the terminal
+                self._bar.live.transient = True
             self._bar.__exit__(*exc)
 
     def stage(self, scoring_label: str) -> None:
@@ -162,18 +163,6 @@ class _Progress:
         if task is None:
             task = self._tasks[stage] = self._bar.add_task(desc, total=total)
         self._bar.update(task, completed=done, total=total, description=desc)
-
-
-def _hash_rank(seed: int, name: str) -> bytes:
-    return hashlib.sha256(f"{seed}/{name}".encode()).digest()
-
-
-def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """Deterministic (fit, holdout) split of good images: depends only on file names and the seed."""
-    n_hold = int(round(len(paths) * fraction))
-    ranked = sorted(paths, key=lambda p: _hash_rank(seed, p.name))
-    hold = set(ranked[:n_hold])
-    return [p for p in paths if p not in hold], [p for p in paths if p in hold]
 
 
 def good_images_of(data: Path) -> tuple[list[Path], str]:
@@ -336,7 +325,7 @@ def _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, si
 
 # ------------------------------------------------------------------------------------------- options
 class ThresholdMethod(str, Enum):
-    quantile = "quantile"
+    conformal = "conformal"
     gaussian = "gaussian"
 
 
@@ -363,11 +352,13 @@ CoresetRatio = Annotated[float, typer.Option(help="Fraction of patch features ke
                                                   "smaller is faster, 0.01-0.1 is typical.")]
 Preset = Annotated[str, typer.Option(help="Preprocessing: 'full' scores the whole image resized to 256; "
                                           "'paper' resizes to 256 and centre-crops 224 (borders unseen).")]
+BorderPad = Annotated[Optional[int], typer.Option(help="Pixels of reflection padding around the network input "
+                                                       "(multiple of 8; 0 = none; default: the preset's).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Side the image is resized to (overrides the preset's "
                                                        "256); larger sees smaller defects, slower.")]
 NumNeighbors = Annotated[int, typer.Option(help="b of the paper's Eq. 7 score reweighting (1 turns it off).")]
 Sigma = Annotated[float, typer.Option(help="Gaussian smoothing of the anomaly map, in network-input pixels.")]
-Seed = Annotated[int, typer.Option(help="Seed of the coreset and of the holdout split (same seed, same model).")]
+Seed = Annotated[int, typer.Option(help="Seed of the coreset and of the calibration folds (same seed, same model).")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 BackboneWeights = Annotated[Optional[Path], typer.Option(help="Local backbone weights file instead of the "
@@ -394,17 +385,19 @@ def fit(
                                               "train/good/) or a folder layout (uses good/).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.safetensors).",
                                          show_default=False)],
-    holdout: Annotated[float, typer.Option(help="Fraction of the good images held out (not fitted on) to "
-                                                "calibrate the threshold; ignored with --validation.")] = 0.2,
-    validation: Annotated[Optional[Path], typer.Option(help="Folder of separate good images to calibrate on; "
-                                                            "then all of DATA is fitted on.")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds: every good image gets a calibration score from "
+                                            "a bank built without its fold (the model's bank uses all images).")] = 5,
+    validation: Annotated[Optional[Path], typer.Option(help="Folder of separate good images (ideally from the "
+                                                            "production camera) to calibrate on instead of the "
+                                                            "cross-fitted scores.")] = None,
     defects: Annotated[Optional[Path], typer.Option(help="Folder of labelled defective images: adds the "
-                                                         "F1-optimal threshold (with the held-out good ones).")] = None,
+                                                         "F1-optimal threshold (with the good calibration scores).")] = None,
     target_far: Annotated[float, typer.Option(help="Target false-alarm rate on good images, e.g. 0.01 = 1 in "
                                                    "100 good parts rejected.")] = 0.01,
     threshold_method: Annotated[ThresholdMethod, typer.Option(
-        help="quantile: empirical quantile of held-out good scores (normal fit when too few images to resolve "
-             "the rate); gaussian: always a normal fit, never below the highest good score.")] = ThresholdMethod.quantile,
+        help="conformal: split-conformal rank of the good scores, a guaranteed rate for exchangeable images "
+             "(needs 1/rate - 1 images, else says what it guarantees); gaussian: a normal fit, an estimate."
+    )] = ThresholdMethod.conformal,
     threshold_from: Annotated[ThresholdFrom, typer.Option(
         help="Which threshold the model uses: far (target false-alarm rate) or f1 (needs --defects).")
     ] = ThresholdFrom.far,
@@ -412,6 +405,7 @@ def fit(
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
     image_size: ImageSize = None,
+    border_pad: BorderPad = None,
     num_neighbors: NumNeighbors = 9,
     sigma: Sigma = 4.0,
     seed: Seed = 0,
@@ -423,27 +417,24 @@ def fit(
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Fit a model on good images and calibrate its pass/fail threshold on held-out good images."""
-    from .images import list_images
+    """Fit a model on good images and calibrate its pass/fail threshold for a target false-alarm rate."""
+    from .images import check_image_file, list_images
     from .model import PatchCore
-    from .thresholds import calibrate
 
     _check_model_target(output, overwrite)
     goods, layout = good_images_of(data)
+    val_imgs = None
     if validation is not None:
         if not validation.is_dir():
             raise CliError(f"{validation}: no such folder (--validation)")
-        fit_imgs, hold_imgs, source = goods, list_images(validation), f"validation folder {validation}"
-        if len(hold_imgs) < 2:
+        val_imgs = list_images(validation)
+        if len(val_imgs) < 2:
             raise CliError(f"{validation}: needs at least 2 good images to calibrate on")
-    else:
-        if not 0.0 < holdout < 1.0:
-            raise CliError(f"--holdout must be between 0 and 1, got {holdout}")
-        fit_imgs, hold_imgs = split_holdout(goods, holdout, seed)
-        source = f"held-out {holdout:g} of {data}"
-        if len(hold_imgs) < 2 or not fit_imgs:
-            raise CliError(f"{len(goods)} good images cannot be split {1 - holdout:g}/{holdout:g} into a fit part "
-                           f"and at least 2 held-out images; add images, change --holdout or give --validation")
+    elif folds < 2:
+        raise CliError(f"--folds must be at least 2 to calibrate on the fitted images, got {folds}; "
+                       f"or give --validation DIR")
+    elif len(goods) < 2:
+        raise CliError(f"{data}: {len(goods)} good image; cross-fitting needs at least 2 (or give --validation)")
     defect_imgs = None
     if defects is not None:
         if not defects.is_dir():
@@ -456,44 +447,52 @@ def fit(
     if not 0.0 < target_far < 1.0:
         raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
 
+    if not skip_unreadable:  # a header read per file finds most bad images before the long work
+        try:
+            for f in goods + (val_imgs or []) + (defect_imgs or []):
+                check_image_file(f)
+        except ImageError as e:
+            raise _image_error_hint(e) from None
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
                            batch_size, backbone_weights)
+    if border_pad is not None:
+        params["border_pad"] = border_pad
+    # With a validation folder the cross-fit would be thrown away: skip its cost.
+    params.update(target_far=target_far, calibration_folds=0 if val_imgs is not None else folds)
     model = PatchCore(**params)
     t0 = time.perf_counter()
     try:
         with _Progress(not (quiet or json_out)) as prog:
-            model.fit(fit_imgs, skip_unreadable=skip_unreadable, progress=prog)
+            model.fit(goods, skip_unreadable=skip_unreadable, progress=prog)
             skipped = list(model.skipped_)
             prog.stage("calibrating")
-            cal = calibrate(model, hold_imgs, target_far=target_far, method=threshold_method.value,
-                            defect_images=defect_imgs, threshold_from=threshold_from.value, source=source,
-                            skip_unreadable=skip_unreadable, progress=prog)
+            cal = model.calibrate(val_imgs, target_far=target_far, method=threshold_method.value,
+                                  defect_images=defect_imgs, threshold_from=threshold_from.value,
+                                  skip_unreadable=skip_unreadable, progress=prog)
             skipped += list(model.skipped_)
     except ImageError as e:
         raise _image_error_hint(e) from None
-    cal.extra.update({"holdout_fraction": None if validation is not None else holdout, "split_seed": seed,
-                      "n_fit_images": int(model.fit_info_["n_images"]), "data": str(data), "layout": layout,
-                      "holdout_images": [p.name for p in hold_imgs]})
+    if val_imgs is not None:
+        cal.source = f"validation folder {validation}"
+    cal.extra.update({"data": str(data), "layout": layout})
     cal.apply(model)
     cal_dict = cal.to_dict()
     model.save(output, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     info = model.fit_info_
-    warning = None
-    if not cal.resolved and threshold_method == ThresholdMethod.quantile:
-        need = int(np.ceil(1.0 / target_far))
-        warning = (f"{cal.n} held-out good images cannot resolve a {target_far:g} false-alarm rate (needs >= "
-                   f"{need}); the threshold is extrapolated by a normal fit of their scores")
+    warning = None if cal.resolved or cal.threshold_from == "f1" else cal.statement
     summary = {
         "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
-        "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": source,
+        "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": cal.source,
         "n_defect": cal.n_defect, "bank_size": info["bank_size"], "threshold": cal.threshold,
         "threshold_from": cal.threshold_from, "pixel_threshold": cal.pixel_threshold,
         "far_threshold": cal.far_threshold, "f1_threshold": cal.f1_threshold, "f1": cal.f1,
         "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,
-        "holdout_far": cal.holdout_far, "good_score_mean": cal.mean, "good_score_std": cal.std,
-        "good_score_max": cal.max, "seconds": seconds, "params": model.get_params(),
-        "threshold_source": describe_threshold(cal_dict, False), "guarantee": cal_dict.get("statement") or None,
+        "guaranteed_far": cal.guaranteed_far, "needed_n": cal.needed_n,
+        "calibration_far": cal.calibration_far, "good_score_mean": cal.mean, "good_score_std": cal.std,
+        "good_score_max": cal.max, "seconds": seconds, "calibration_seconds": info.get("calibration_seconds"),
+        "params": model.get_params(),
+        "threshold_source": describe_threshold(cal_dict, False), "guarantee": cal.statement,
         "skipped": _skipped_json(skipped), "warning": warning,
     }
     if json_out:
@@ -508,19 +507,20 @@ def fit(
     t.add_column()
     rows = [("good images", f"{len(goods)} ({layout})"),
             ("fitted on", f"{info['n_images']} images -> memory bank of {info['bank_size']} patches"),
-            ("calibrated on", f"{cal.n} good images ({source})"),
+            ("calibrated on", f"{cal.n} good images ({cal.source})"),
             ("threshold", f"{cal.threshold:.6g}  ({describe_threshold(cal_dict, False)})"),
-            ("target false-alarm rate", f"{_percent(target_far)}; rule: {cal.rule}"),
-            ("held-out false-alarm rate", _percent(cal.holdout_far)),
-            ("good scores", f"mean {cal.mean:.4g}, std {cal.std:.3g}, max {cal.max:.4g}"),
+            ("guarantee", cal.statement),
+            ("good calibration scores", f"mean {cal.mean:.4g}, std {cal.std:.3g}, max {cal.max:.4g}; "
+                                        f"{_percent(cal.calibration_far)} at or above the threshold"),
             ("pixel threshold (masks)", f"{cal.pixel_threshold:.6g}")]
-    if cal_dict.get("statement"):
-        rows.append(("guarantee", str(cal_dict["statement"])))
     if cal.f1_threshold is not None:
         rows.append(("F1-optimal threshold", f"{cal.f1_threshold:.6g}  (F1 {cal.f1:.3f} on {cal.n} good + "
                                              f"{cal.n_defect} defective)"))
     rows.append(("skipped", str(len(skipped))))
-    rows.append(("time", f"{seconds:.1f} s"))
+    timing = f"{seconds:.1f} s"
+    if info.get("calibration_seconds"):
+        timing += f" (of which cross-fitted calibration {info['calibration_seconds']:.1f} s)"
+    rows.append(("time", timing))
     for k, v in rows:
         t.add_row(k, v)
     out_console.print(t)
@@ -603,7 +603,7 @@ def predict(
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
     from .images import check_image_file, read_image
-    from .visualize import mask_at, overlay, save_map_png, save_png
+    from .visualize import overlay, save_map_png, save_png
 
     _check_out_parent(output)
     _check_out_dir(output, overwrite)
@@ -645,7 +645,8 @@ def predict(
                                            "verdict": "anomalous" if pred.is_anomalous else "good",
                                            "threshold": thr, "pixel_threshold": pix, "width": int(img.shape[1]),
                                            "height": int(img.shape[0])}
-                    mask = mask_at(amap, pix)
+                    pred.threshold, pred.pixel_threshold = thr, pix
+                    mask = pred.defect_mask  # agrees with the verdict: empty when good, never empty when anomalous
                     row["defect_area_fraction"] = float(mask.mean())
                     if map_format in (MapFormat.npy, MapFormat.both):
                         np.save(output / "maps" / f"{stem}.npy", amap)
@@ -653,7 +654,7 @@ def predict(
                     if map_format in (MapFormat.png, MapFormat.both):
                         save_map_png(output / "maps" / f"{stem}.png", amap, pix)
                         row["map_png"] = f"maps/{stem}.png"
-                    save_png(output / "overlays" / f"{stem}.png", overlay(img, amap, pix))
+                    save_png(output / "overlays" / f"{stem}.png", overlay(img, amap, pix, mask=mask))
                     save_png(output / "masks" / f"{stem}.png", mask)
                     row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
                     rows.append(row)
@@ -666,7 +667,8 @@ def predict(
                 "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thr_source,
                 "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
                 "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
-                "mask": "map >= pixel_threshold (calibrated like the image threshold, on held-out good maps' maxima)",
+                "mask": "empty for a good verdict; for an anomalous one, map >= pixel_threshold (calibrated like the "
+                        "image threshold, on good maps' maxima), and always at least the region around the map's peak",
                 "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
                 "skipped": _skipped_json(skipped), "images": rows,
             }
@@ -764,7 +766,7 @@ def _predict_report(output: Path, model, model_path: Path, summary: dict[str, An
                 "normalised score": summary["normalized_score"], "mask": summary["mask"],
                 **{k: v for k, v in model.get_params().items()},
                 **{f"calibration {k}": cal[k] for k in ("method", "rule", "target_far", "n", "mean", "std", "max",
-                                                        "holdout_far", "f1_threshold", "source") if k in cal}}
+                                                        "calibration_far", "f1_threshold", "source") if k in cal}}
     page = render_html("PatchCore prediction report", f"{summary['n_images']} images scored with {model_path}",
                        settings, (headers, [vals]), [sec])
     write_report(output / "report.html", page, overwrite=True)
@@ -942,7 +944,8 @@ def info(
                                           f"{_percent(cal['target_far'])}, {cal.get('n')} good images "
                                           f"({cal.get('source')})"))
             t.add_row("calibration scores", f"mean {cal['mean']:.4g}, std {cal['std']:.3g}, max {cal['max']:.4g}; "
-                                            f"{_percent(cal['holdout_far'])} of them at or above the threshold")
+                                            f"{_percent(cal.get('calibration_far', cal.get('holdout_far', 0.0)))} of them "
+                                            f"at or above the threshold")
         if cal.get("f1_threshold") is not None:
             t.add_row("F1-optimal threshold", f"{cal['f1_threshold']:.6g} (F1 {cal['f1']:.3f}, "
                                               f"{cal.get('n_defect')} defective images)")

@@ -392,6 +392,7 @@ class PatchCore:
                              source="good images given to calibrate()", skip_unreadable=skip_unreadable,
                              progress=progress)
         prev = self.calibration_ or {}
+        self.skipped_ = []  # what this call skipped (only defect images can be)
         if not prev.get("scores"):
             raise PatchCoreError("no cross-fitted scores to recalibrate from: fit with calibration_folds >= 2, "
                                  "or pass good images the model was not fitted on")

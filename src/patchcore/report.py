@@ -29,6 +29,7 @@ import numpy as np
 from .errors import PatchCoreError
 from .images import read_image
 from .visualize import overlay, png_bytes, thumbnail
+from .thresholds import mask_level
 
 __all__ = ["Section", "GalleryItem", "build_section", "histogram_svg", "roc_svg", "render_html", "write_report"]
 
@@ -175,7 +176,7 @@ def roc_svg(labels: Sequence[int], scores: Sequence[float], threshold: float | N
 
 # ---------------------------------------------------------------------------------------------- gallery
 def _item(path: str, title: str, caption: str, amap: np.ndarray | None, pixel_threshold: float | None,
-          max_side: int) -> GalleryItem:
+          max_side: int, score: float | None = None, threshold: float | None = None) -> GalleryItem:
     try:
         img = read_image(path)
     except PatchCoreError as e:
@@ -183,7 +184,9 @@ def _item(path: str, title: str, caption: str, amap: np.ndarray | None, pixel_th
         return GalleryItem(title, f"{caption} (image unreadable: {e})", png_bytes(blank), None)
     ov = None
     if amap is not None and pixel_threshold and amap.shape == img.shape[:2]:
-        ov = png_bytes(thumbnail(overlay(img, amap, pixel_threshold), max_side))
+        # The outline is the defect mask that agrees with the verdict (nothing on a good one).
+        mask = None if score is None else amap >= mask_level(amap, score, threshold, pixel_threshold)
+        ov = png_bytes(thumbnail(overlay(img, amap, pixel_threshold, mask=mask), max_side))
     return GalleryItem(title, caption, png_bytes(thumbnail(img, max_side)), ov)
 
 
@@ -208,7 +211,8 @@ def build_section(name: str, paths: Sequence[str], scores: Sequence[float], labe
 
     def items(idx: Sequence[int]) -> list[GalleryItem]:
         return [_item(paths[i], Path(paths[i]).name if defect_types is None else
-                      f"{defect_types[i]}/{Path(paths[i]).name}", caption(i), get_map(i), pt, max_side)
+                      f"{defect_types[i]}/{Path(paths[i]).name}", caption(i), get_map(i), pt, max_side,
+                      float(s[i]), threshold)
                 for i in idx]
 
     sec = Section(name, [float(v) for v in s], None if labels is None else [int(v) for v in labels],

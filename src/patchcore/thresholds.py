@@ -72,10 +72,10 @@ class Calibration:
     min: float
     max: float
     quantiles: dict[str, float]
-    holdout_far: float
+    calibration_far: float
     scores: list[float] = field(default_factory=list)
     map_maxima: list[float] = field(default_factory=list)
-    source: str = "holdout"
+    source: str = "calibration images"
     threshold_from: str = "far"
     far_threshold: float | None = None
     guaranteed_far: float | None = None
@@ -157,7 +157,7 @@ def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float,
 
 def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: str = "conformal",
                      map_maxima: Sequence[float] | None = None, defect_scores: Sequence[float] | None = None,
-                     threshold_from: str = "far", source: str = "holdout") -> Calibration:
+                     threshold_from: str = "far", source: str = "calibration images") -> Calibration:
     """A :class:`Calibration` from already computed held-out good scores (and optional defect scores)."""
     method = _ALIASES.get(method, method)
     s = np.asarray(scores, dtype=np.float64)
@@ -169,7 +169,7 @@ def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: 
         threshold=t, pixel_threshold=pt, method=method, rule=rule, resolved=resolved, target_far=float(target_far),
         n=int(s.size), mean=float(s.mean()), std=float(s.std(ddof=1)), min=float(s.min()), max=float(s.max()),
         quantiles={f"{q:g}": float(np.quantile(s, q)) for q in QUANTILES},
-        holdout_far=float((s >= t).mean()), scores=[float(v) for v in s], map_maxima=[float(v) for v in mm],
+        calibration_far=float((s >= t).mean()), scores=[float(v) for v in s], map_maxima=[float(v) for v in mm],
         source=source, threshold_from="far", far_threshold=t, guaranteed_far=guaranteed,
         needed_n=needed_images(target_far), statement=statement)
     if threshold_from not in ("far", "f1"):
@@ -182,17 +182,17 @@ def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: 
             # Move the pixel threshold with the image threshold, keeping their calibrated ratio.
             cal.pixel_threshold = pt * ft / t
             cal.threshold, cal.threshold_from = ft, "f1"
-            cal.holdout_far = float((s >= ft).mean())
+            cal.calibration_far = float((s >= ft).mean())
             cal.guaranteed_far, cal.statement = None, (
                 f"The threshold maximises F1 on {s.size} good and {len(d)} defective images; its false-alarm "
-                f"rate on those good images is {cal.holdout_far:.2%} (not a guarantee).")
+                f"rate on those good images is {cal.calibration_far:.2%} (not a guarantee).")
     elif threshold_from == "f1":
         raise PatchCoreError("the F1 threshold needs labelled defect images")
     return cal
 
 
 def calibrate(model, good_images, target_far: float = 0.01, method: str = "conformal", defect_images=None,
-              threshold_from: str = "far", source: str = "holdout", skip_unreadable: bool = False,
+              threshold_from: str = "far", source: str = "calibration images", skip_unreadable: bool = False,
               progress=None) -> Calibration:
     """Score held-out good images (never the ones ``model`` was fitted on) and set the model's threshold.
 

@@ -66,8 +66,11 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, alpha: float = 0.5,
-            outline: bool = True) -> np.ndarray:
+            outline: bool = True, mask: np.ndarray | None = None) -> np.ndarray:
     """The image (H x W x 3 uint8) blended with the turbo-coloured map, same size; mask outline in white.
+
+    ``mask`` is the defect mask to outline (``Prediction.defect_mask``, which agrees with the verdict);
+    without it, the pixels at or above ``pixel_threshold``.
 
     Where the map is low, the image shows through more (``alpha * (0.4 + 0.6 * fraction)``), so the
     product stays recognisable and hot regions stand out.
@@ -83,7 +86,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, alpha: 
     out = img[..., :3].astype(np.float32) * (1.0 - a) + color * a
     if outline:
         width = max(1, round(min(amap.shape) / 256))
-        edge = _outline(mask_at(amap, pixel_threshold), width)
+        edge = _outline(mask_at(amap, pixel_threshold) if mask is None else np.asarray(mask, bool), width)
         out[edge] = 255.0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
