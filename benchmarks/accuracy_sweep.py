@@ -36,6 +36,9 @@ CANDIDATES: dict[str, dict] = {
     "lite0_320_3layers": {"border_pad": 16, "image_size": 320, "layers": ["blocks.2", "blocks.3", "blocks.4"]},
     "lite0_320_r25": {"border_pad": 16, "image_size": 320, "coreset_ratio": 0.25},
     "lite0_384": {"border_pad": 16, "image_size": 384},
+    "ens_lite0_lite2": {"backbone": "efficientnet_lite0+efficientnet_lite2", "border_pad": 16},
+    "ens_lite0_lite1_lite2": {"backbone": "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", "border_pad": 16},
+    "ens_lite0_lite2_288": {"backbone": "efficientnet_lite0+efficientnet_lite2", "border_pad": 16, "image_size": 288},
 }
 CATEGORIES = ("bottle", "screw")
 
