@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 CANDIDATES: dict[str, dict] = {
     "imagenet_pad0": {"normalization": "imagenet", "border_pad": 0},  # the defaults before issue 7
     "tf_pad0": {"normalization": "tf", "border_pad": 0},
-    "tf_pad16": {"normalization": "tf", "border_pad": 16},
+    "tf_pad16_maps": {"normalization": "tf", "border_pad": 16},  # padding cut off the tapped maps (the default)
     "tf_pad32": {"normalization": "tf", "border_pad": 32},
     "tf_pad16_paper": {"normalization": "tf", "border_pad": 16, "preset": "paper"},
     "lite0_288": {"border_pad": 16, "image_size": 288},

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import pytest
 
-from patchcore.features import aggregate_neighbourhood, crop_grid, feature_dim, patch_features
+from patchcore.features import aggregate_neighbourhood, crop_border, feature_dim, patch_features
 
 
 def test_neighbourhood_mean_inside_and_at_borders():
@@ -33,10 +33,12 @@ def test_wide_features_are_pooled_with_equal_weight_per_layer():
     assert torch.allclose(f[0, 1, 1, :512], aggregate_neighbourhood(a)[0, :, 1, 1], atol=1e-5)
 
 
-def test_crop_grid_cuts_exactly_the_cells_of_the_padding():
-    feats = torch.arange(2 * 36 * 40 * 3, dtype=torch.float32).reshape(2, 36, 40, 3)  # a 288 x 320 input, stride 8
-    out = crop_grid(feats, 16, (288, 320))
-    assert out.shape == (2, 32, 36, 3) and torch.equal(out, feats[:, 2:34, 2:38])
-    assert crop_grid(feats, 0, (288, 320)) is feats
+def test_crop_border_cuts_exactly_the_cells_of_the_padding():
+    fmap = torch.arange(2 * 3 * 36 * 40, dtype=torch.float32).reshape(2, 3, 36, 40)  # 288 x 320 input, stride 8
+    out = crop_border(fmap, 16, (288, 320))
+    assert out.shape == (2, 3, 32, 36) and torch.equal(out, fmap[..., 2:34, 2:38])
+    deep = torch.zeros(1, 5, 18, 20)  # the same input at stride 16: one cell a side
+    assert crop_border(deep, 16, (288, 320)).shape == (1, 5, 16, 18)
+    assert crop_border(fmap, 0, (288, 320)) is fmap
     with pytest.raises(ValueError, match="whole number of feature cells"):
-        crop_grid(feats, 4, (288, 320))
+        crop_border(deep, 8, (288, 320))

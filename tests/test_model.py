@@ -212,15 +212,15 @@ def test_a_model_this_version_would_preprocess_differently_is_refused(tmp_path):
 
 def test_normalisation_and_padding_are_saved_and_restored(bottle, tmp_path):
     imgs = [s for s in bottle.train[:6]]
-    model = PatchCore(coreset_ratio=0.05, normalization="imagenet", border_pad=8, calibration_folds=0).fit(imgs)
+    model = PatchCore(coreset_ratio=0.05, normalization="imagenet", border_pad=32, calibration_folds=0).fit(imgs)
     loaded = PatchCore.load(model.save(tmp_path / "m.safetensors"))
-    assert (loaded.normalization, loaded.border_pad) == ("imagenet", 8)
+    assert (loaded.normalization, loaded.border_pad) == ("imagenet", 32)
     default = PatchCore(coreset_ratio=0.05, calibration_folds=0).fit(imgs)
     assert default.normalization_name == "tf" and default.border_pad == 16
     test = [bottle.test[0].path]
     assert loaded.score_samples(test)[0] == model.score_samples(test)[0] != default.score_samples(test)[0]
-    with pytest.raises(PatchCoreError, match="multiple of 8"):
-        PatchCore(border_pad=12)
+    with pytest.raises(PatchCoreError, match="multiple of 16"):
+        PatchCore(border_pad=8)
     with pytest.raises(PatchCoreError, match="unknown normalization"):
         PatchCore(normalization="caffe")
 

@@ -49,17 +49,21 @@ def feature_dim(channels: list[int], target_dim: int) -> int:
     return target_dim if sum(channels) > target_dim else sum(channels)
 
 
-def crop_grid(feats: torch.Tensor, pad: int, input_hw: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Cut the cells computed for ``pad`` pixels of input padding off an (N, h, w, D) patch grid.
+def crop_border(fmap: torch.Tensor, pad: int, input_hw: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Cut the cells computed for ``pad`` pixels of input padding off an (N, C, h, w) feature map.
 
-    The grid's stride is read off the padded input size; the padding must be a whole number of cells.
+    The map's stride is read off the padded input size; the padding must be a whole number of cells.
+    Cropping the tapped maps, before the neighbourhood aggregation, keeps the aggregation's zero padding at
+    the image border as in the paper's code, while the network itself saw reflected image there instead of
+    its zero padding. Measured on screw (Lite0, 16 px): border peaks of good maps 0 % (2 % unpadded), image
+    AUROC 0.940 (0.935). Cropping after the aggregation instead gave 22 % and 0.938 (docs/benchmarks.md).
     """
     if not pad:
-        return feats
-    h, w = feats.shape[1:3]
+        return fmap
+    h, w = fmap.shape[-2:]
     ch, rh = divmod(pad * h, int(input_hw[0]))
     cw, rw = divmod(pad * w, int(input_hw[1]))
     if rh or rw or not ch or not cw:
         raise ValueError(f"border padding of {pad} px is not a whole number of feature cells "
                          f"({h}x{w} cells for a {input_hw[0]}x{input_hw[1]} input)")
-    return feats[:, ch:h - ch, cw:w - cw]
+    return fmap[..., ch:h - ch, cw:w - cw]

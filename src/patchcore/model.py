@@ -18,7 +18,7 @@ from . import __version__
 from .backbones import NORMALIZATIONS, LayerTaps, fingerprint, get_backbone, load_backbone
 from .coreset import greedy_coreset, random_projection
 from .errors import ModelFileError, NotFittedError, PatchCoreError
-from .features import crop_grid, patch_features
+from .features import crop_border, patch_features
 from .images import PRESETS, ImagesLike, Item, Preprocessing, as_items, iter_loaded
 from .scoring import MemoryBank, reweighted_score, smooth
 from .thresholds import Calibration, calibrate, calibrate_scores, mask_level
@@ -100,9 +100,10 @@ class PatchCore:
     backbone_weights: a local weights file to use instead of the registry's.
     normalization: input normalisation, ``"auto"`` (the one the backbone's weights were trained with, from the
         registry), ``"imagenet"`` or ``"tf"``.
-    border_pad: pixels of reflection padding added around the network input; the features of the padding
-        are computed and then cut away, so border patches see image-like context instead of the network's
-        zero padding (a multiple of the first tapped layer's stride, 8; 0 turns it off).
+    border_pad: pixels of reflection padding added around the network input; the tapped maps' cells of the
+        padding are cut away before the neighbourhood aggregation, so the network computes border features
+        from image-like context instead of its own zero padding (a multiple of the deepest tapped layer's
+        stride, 16; 0 turns it off). Measured: docs/benchmarks.md, section 2.
     target_far: the false-alarm rate on good images that the threshold is calibrated for (see thresholds).
     calibration_folds: k of the k-fold cross-fitting that gives every good image of the fit a calibration
         score (0 or 1: fit without a threshold; calibrate later with :meth:`calibrate`).
@@ -173,8 +174,9 @@ class PatchCore:
         if any(g != "auto" and g not in NORMALIZATIONS for g in given) or len(given) not in (1, len(self.members)):
             raise PatchCoreError(f"unknown normalization {self.normalization!r}; known: auto, "
                                  f"{', '.join(NORMALIZATIONS)} (one, or one per ensemble member joined by '+')")
-        if int(self.border_pad) < 0 or int(self.border_pad) % 8:
-            raise PatchCoreError(f"border_pad must be a non-negative multiple of 8 pixels, got {self.border_pad}")
+        if int(self.border_pad) < 0 or int(self.border_pad) % 16:
+            raise PatchCoreError(f"border_pad must be a non-negative multiple of 16 pixels (the deepest tapped "
+                                 f"layer's stride), got {self.border_pad}")
         for name in ("image_size", "crop_size"):
             v = getattr(self, name)
             if v is not None and int(v) < 32:
@@ -268,7 +270,8 @@ class PatchCore:
                     x = (x0.to(mean.device) - mean) / std
                     if pad:
                         x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-                    feats.append(crop_grid(patch_features(taps(x), self.target_dim), pad, x.shape[-2:]).cpu())
+                    fmaps = [crop_border(f, pad, x.shape[-2:]) for f in taps(x)]
+                    feats.append(patch_features(fmaps, self.target_dim).cpu())
             return [it for it, _ in batch], imgs, feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
         for pair in iter_loaded(items, skip_unreadable, skipped):
