@@ -60,8 +60,8 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     model, preds = fitted
     path = model.save(tmp_path / "bottle.safetensors")
     loaded = PatchCore.load(path)
-    assert loaded.get_params() | {"device": "auto"} == model.get_params() | {
-        "layers": ("blocks.2", "blocks.4"), "device": "auto"}
+    assert loaded.get_params() | {"device": "auto"} == model.get_params() | {  # the preset's choices, written out
+        "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16}
     some = [s.path for s in bottle.test[::10]]
     again = loaded.predict(some)
     for p, q in zip(preds[::10], again):
@@ -216,7 +216,9 @@ def test_normalisation_and_padding_are_saved_and_restored(bottle, tmp_path):
     loaded = PatchCore.load(model.save(tmp_path / "m.safetensors"))
     assert (loaded.normalization, loaded.border_pad) == ("imagenet", 32)
     default = PatchCore(coreset_ratio=0.05, calibration_folds=0).fit(imgs)
-    assert default.normalization_name == "tf" and default.border_pad == 16
+    assert default.normalization_name == "tf" and default._setting("border_pad") == 16
+    assert PatchCore(preset="paper")._setting("border_pad") == 0 and PatchCore(preset="paper", border_pad=32
+                                                                                )._setting("border_pad") == 32
     test = [bottle.test[0].path]
     assert loaded.score_samples(test)[0] == model.score_samples(test)[0] != default.score_samples(test)[0]
     with pytest.raises(PatchCoreError, match="multiple of 16"):

@@ -313,9 +313,10 @@ def _image_error_hint(e: ImageError) -> CliError:
 
 
 def _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device, batch_size,
-                  backbone_weights) -> dict[str, Any]:
+                  backbone_weights, border_pad=None) -> dict[str, Any]:
     p = {"backbone": backbone, "coreset_ratio": coreset_ratio, "preset": preset, "image_size": image_size,
-         "num_neighbors": num_neighbors, "sigma": sigma, "seed": seed, "device": device, "batch_size": batch_size}
+         "num_neighbors": num_neighbors, "sigma": sigma, "seed": seed, "device": device, "batch_size": batch_size,
+         "border_pad": border_pad}
     if backbone_weights is not None:
         if not backbone_weights.is_file():
             raise CliError(f"{backbone_weights}: no such weights file")
@@ -346,14 +347,17 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing results instead of refusing.")]
 SkipUnreadable = Annotated[bool, typer.Option(
     "--skip-unreadable", help="Leave out images that cannot be read (they are listed) instead of stopping.")]
-Backbone = Annotated[str, typer.Option(help="Feature extractor: efficientnet_lite0 (offline), "
-                                            "efficientnet_lite1/2, wide_resnet50_2 (the paper's; downloads).")]
+Backbone = Annotated[Optional[str], typer.Option(help="Feature extractor: efficientnet_lite0 (offline), "
+                                                      "efficientnet_lite1/2, wide_resnet50_2 (the paper's; "
+                                                      "downloads), or an ensemble such as A+B; default: the "
+                                                      "preset's.")]
 CoresetRatio = Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank (0-1]; "
                                                   "smaller is faster, 0.01-0.1 is typical.")]
-Preset = Annotated[str, typer.Option(help="Preprocessing: 'full' scores the whole image resized to 256; "
-                                          "'paper' resizes to 256 and centre-crops 224 (borders unseen).")]
+Preset = Annotated[str, typer.Option(help="'full' scores the whole image resized to 256; 'accurate' spends "
+                                          "more time per image on small defects; 'paper' resizes to 256 and "
+                                          "centre-crops 224 (borders unseen), as the paper's table was made.")]
 BorderPad = Annotated[Optional[int], typer.Option(help="Pixels of reflection padding around the network input "
-                                                       "(multiple of 8; 0 = none; default: the preset's).")]
+                                                       "(multiple of 16; 0 = none; default: the preset's).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Side the image is resized to (overrides the preset's "
                                                        "256); larger sees smaller defects, slower.")]
 NumNeighbors = Annotated[int, typer.Option(help="b of the paper's Eq. 7 score reweighting (1 turns it off).")]
@@ -401,7 +405,7 @@ def fit(
     threshold_from: Annotated[ThresholdFrom, typer.Option(
         help="Which threshold the model uses: far (target false-alarm rate) or f1 (needs --defects).")
     ] = ThresholdFrom.far,
-    backbone: Backbone = "efficientnet_lite0",
+    backbone: Backbone = None,
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
     image_size: ImageSize = None,
@@ -454,9 +458,7 @@ def fit(
         except ImageError as e:
             raise _image_error_hint(e) from None
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
-                           batch_size, backbone_weights)
-    if border_pad is not None:
-        params["border_pad"] = border_pad
+                           batch_size, backbone_weights, border_pad)
     # With a validation folder the cross-fit would be thrown away: skip its cost.
     params.update(target_far=target_far, calibration_folds=0 if val_imgs is not None else folds)
     model = PatchCore(**params)
@@ -782,10 +784,15 @@ def evaluate(
                                                                           "and report.html.")] = None,
     category: Annotated[Optional[list[str]], typer.Option(help="Only this category (repeatable); default all.")] = None,
     report: Annotated[bool, typer.Option("--report", help="Also write OUTPUT/report.html (needs --output).")] = False,
-    backbone: Backbone = "efficientnet_lite0",
+    target_far: Annotated[float, typer.Option(help="Target false-alarm rate the fit calibrates for; the "
+                                                   "table's 'good FAR' checks it on the test set's good images.")
+                          ] = 0.01,
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds of the calibration (0: no threshold).")] = 5,
+    backbone: Backbone = None,
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
     image_size: ImageSize = None,
+    border_pad: BorderPad = None,
     num_neighbors: NumNeighbors = 9,
     sigma: Sigma = 4.0,
     seed: Seed = 0,
@@ -807,8 +814,11 @@ def evaluate(
         _check_out_dir(output, overwrite)
     if not data.exists():
         raise CliError(f"{data}: no such folder")
+    if not 0.0 < target_far < 1.0:
+        raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
-                           batch_size, backbone_weights)
+                           batch_size, backbone_weights, border_pad)
+    params.update(target_far=target_far, calibration_folds=folds)
     folders = find_categories(data, category)
     sections = []
     merged = None

@@ -246,4 +246,6 @@ PRESETS: dict[str, Preprocessing] = {
     "full": Preprocessing(resize=(256, 256)),
     # The paper's protocol (resize 256, centre crop 224), for reproducing its table.
     "paper": Preprocessing(resize=(256, 256), crop=(224, 224)),
+    # More pixels per defect, for users who can spend more time per image (model.PRESET_SETTINGS).
+    "accurate": Preprocessing(resize=(320, 320)),
 }

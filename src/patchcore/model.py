@@ -77,16 +77,28 @@ def _same(a: Any, b: Any) -> bool:
     return x.shape == y.shape and bool(np.allclose(x, y))
 
 
+# What each preset chooses beyond its preprocessing (images.PRESETS: resize, crop); an explicit constructor
+# argument wins. "paper" reproduces the paper's protocol, whose code pads nothing; see docs/benchmarks.md for
+# how "full" (the default) and "accurate" were chosen.
+PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {"backbone": "efficientnet_lite0", "border_pad": 16},
+    "paper": {"backbone": "efficientnet_lite0", "border_pad": 0},
+    "accurate": {"backbone": "efficientnet_lite0", "border_pad": 16},
+}
+
+
 class PatchCore:
     """PatchCore (Roth et al., CVPR 2022) as an estimator: configuration in the constructor, state from fit.
 
     Parameters
     ----------
     backbone: a name from :data:`patchcore.backbones.BACKBONES` (``efficientnet_lite0`` works offline;
-        ``wide_resnet50_2`` is the paper's and downloads torchvision's weights on first use).
+        ``wide_resnet50_2`` is the paper's and downloads torchvision's weights on first use), or several
+        joined by "+", whose patch features are concatenated (an ensemble); default: the preset's.
     layers: module names to tap; default: the backbone's two (stride 8 and 16, the paper's layer 2 + 3).
-    preset: ``"full"`` scores the whole image resized (default, nothing at the border is lost);
-        ``"paper"`` resizes to 256 and centre-crops 224, as the paper's table was made.
+    preset: ``"full"`` scores the whole image resized to 256 (default, nothing at the border is lost);
+        ``"accurate"`` spends more time per image for accuracy on small defects (docs/benchmarks.md);
+        ``"paper"`` resizes to 256 and centre-crops 224 without border padding, as the paper's table was made.
     image_size: side the image is resized to (overrides the preset's); crop_size: side of the centre crop.
     target_dim: patch feature width; wider features are reduced to it by adaptive average pooling.
     coreset_ratio: fraction of patch features kept in the memory bank (1.0 keeps all).
@@ -103,19 +115,19 @@ class PatchCore:
     border_pad: pixels of reflection padding added around the network input; the tapped maps' cells of the
         padding are cut away before the neighbourhood aggregation, so the network computes border features
         from image-like context instead of its own zero padding (a multiple of the deepest tapped layer's
-        stride, 16; 0 turns it off). Measured: docs/benchmarks.md, section 2.
+        stride, 16; 0 turns it off; default: the preset's, 16, or 0 for "paper"). Measured: docs/benchmarks.md.
     target_far: the false-alarm rate on good images that the threshold is calibrated for (see thresholds).
     calibration_folds: k of the k-fold cross-fitting that gives every good image of the fit a calibration
         score (0 or 1: fit without a threshold; calibrate later with :meth:`calibrate`).
     """
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: tuple[str, ...] | None = None,
+    def __init__(self, backbone: str | None = None, layers: tuple[str, ...] | None = None,
                  preset: str = "full", image_size: int | None = None, crop_size: int | None = None,
                  target_dim: int = 1024, coreset_ratio: float = 0.1, projection_dim: int = 128,
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, storage_dtype: str = "float32",
                  backbone_weights: str | os.PathLike | None = None, normalization: str = "auto",
-                 border_pad: int = 16, target_far: float = 0.01, calibration_folds: int = 5) -> None:
+                 border_pad: int | None = None, target_far: float = 0.01, calibration_folds: int = 5) -> None:
         self.backbone = backbone
         self.layers = layers
         self.preset = preset
@@ -150,13 +162,18 @@ class PatchCore:
             "projection_dim", "num_neighbors", "sigma", "seed", "device", "batch_size", "storage_dtype",
             "backbone_weights", "normalization", "border_pad", "target_far", "calibration_folds")}
 
+    def _setting(self, name: str) -> Any:
+        """A setting a preset can choose: the constructor's value, or the preset's where that is None."""
+        value = getattr(self, name)
+        return PRESET_SETTINGS[self.preset][name] if value is None else value
+
     def _check_params(self) -> None:
+        if self.preset not in PRESETS:
+            raise PatchCoreError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         for m in self.members:
             get_backbone(m)
         if len(self.members) > 1 and (self.layers or self.backbone_weights is not None):
             raise PatchCoreError("layers and backbone_weights apply to a single backbone, not to an ensemble")
-        if self.preset not in PRESETS:
-            raise PatchCoreError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise PatchCoreError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.storage_dtype not in ("float32", "float16"):
@@ -174,7 +191,7 @@ class PatchCore:
         if any(g != "auto" and g not in NORMALIZATIONS for g in given) or len(given) not in (1, len(self.members)):
             raise PatchCoreError(f"unknown normalization {self.normalization!r}; known: auto, "
                                  f"{', '.join(NORMALIZATIONS)} (one, or one per ensemble member joined by '+')")
-        if int(self.border_pad) < 0 or int(self.border_pad) % 16:
+        if int(self._setting("border_pad")) < 0 or int(self._setting("border_pad")) % 16:
             raise PatchCoreError(f"border_pad must be a non-negative multiple of 16 pixels (the deepest tapped "
                                  f"layer's stride), got {self.border_pad}")
         for name in ("image_size", "crop_size"):
@@ -195,7 +212,7 @@ class PatchCore:
     @property
     def members(self) -> list[str]:
         """The backbones whose patch features are concatenated: ``"a+b"`` is an ensemble of a and b."""
-        return str(self.backbone).split("+")
+        return str(self._setting("backbone")).split("+")
 
     @property
     def normalization_names(self) -> list[str]:
@@ -224,7 +241,7 @@ class PatchCore:
     def tapped_layers(self) -> tuple[str, ...]:
         if len(self.members) > 1:
             return tuple(f"{m}:{layer}" for m in self.members for layer in get_backbone(m).layers)
-        return tuple(self.layers) if self.layers else get_backbone(self.backbone).layers
+        return tuple(self.layers) if self.layers else get_backbone(self.members[0]).layers
 
     def _device(self) -> str:
         if self.device == "auto":
@@ -248,7 +265,7 @@ class PatchCore:
             fp = "+".join(fps)
             if self._fitted is not None and self._fitted.fingerprint != fp:
                 raise ModelFileError(
-                    f"this model was fitted with other {self.backbone} weights (fingerprint "
+                    f"this model was fitted with other {self._setting('backbone')} weights (fingerprint "
                     f"{self._fitted.fingerprint}) than the ones loaded now ({fp}); pass the same backbone weights")
             self._net = (members, fp)
         return self._net
@@ -258,7 +275,7 @@ class PatchCore:
         """Patch features (N, h, w, D) of consecutive batches, with the items and their RGB arrays."""
         members, _ = self._network()
         pre = self.preprocessing
-        pad = int(self.border_pad)
+        pad = int(self._setting("border_pad"))
         batch: list[tuple[Item, np.ndarray]] = []
 
         def run(batch):
@@ -468,6 +485,8 @@ class PatchCore:
         params = self.get_params()
         params["backbone_weights"] = None if params["backbone_weights"] is None else str(params["backbone_weights"])
         params["layers"] = list(self.tapped_layers) if len(self.members) == 1 else None
+        # What the preset chose is written out, so the file scores the same whatever presets become.
+        params["backbone"], params["border_pad"] = self._setting("backbone"), int(self._setting("border_pad"))
         params["normalization"] = self.normalization_name
         mean, std = self._input_stats()
         meta = {
@@ -476,7 +495,7 @@ class PatchCore:
             "preprocessing": json.dumps({"resize": list(self.preprocessing.resize),
                                          "crop": list(self.preprocessing.crop) if self.preprocessing.crop else None,
                                          "mean": mean, "std": std,
-                                         "border_pad": int(self.border_pad)}),
+                                         "border_pad": int(self._setting("border_pad"))}),
             "fit_info": json.dumps(fitted.info),
             "threshold": json.dumps(self.threshold_), "calibration": json.dumps(self.calibration_),
         }
@@ -551,7 +570,7 @@ class PatchCore:
         mean, std = model._input_stats()
         if (list(pre.resize) != prep.get("resize") or (list(pre.crop) if pre.crop else None) != prep.get("crop")
                 or not _same(mean, prep.get("mean")) or not _same(std, prep.get("std"))
-                or int(model.border_pad) != int(prep.get("border_pad", 0))):
+                or int(model._setting("border_pad")) != int(prep.get("border_pad", 0))):
             raise ModelFileError(f"{path}: this patchcore ({__version__}) would preprocess images differently "
                                  f"from the patchcore that fitted the model ({meta.get('patchcore_version', '?')}), "
                                  f"so its scores would change; refit the model")
