@@ -61,7 +61,8 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     path = model.save(tmp_path / "bottle.safetensors")
     loaded = PatchCore.load(path)
     assert loaded.get_params() | {"device": "auto"} == model.get_params() | {  # the preset's choices, written out
-        "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16}
+        "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16,
+        "normalization": "tf"}
     some = [s.path for s in bottle.test[::10]]
     again = loaded.predict(some)
     for p, q in zip(preds[::10], again):
