@@ -64,10 +64,13 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
         "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16,
         "normalization": "tf"}
     some = [s.path for s in bottle.test[::10]]
-    again = loaded.predict(some)
-    for p, q in zip(preds[::10], again):
-        assert p.score == q.score
-        assert np.array_equal(p.anomaly_map, q.anomaly_map)
+    again, same = loaded.predict(some), model.predict(some)
+    for p, q, r in zip(preds[::10], again, same):
+        assert q.score == r.score == p.score and q.threshold == r.threshold == model.threshold_
+        assert np.array_equal(q.anomaly_map, r.anomaly_map)  # the same batches: bit for bit
+        # In other batches the search's float32 matrix products (|x|^2 + |y|^2 - 2xy) round differently.
+        rng = float(p.anomaly_map.max() - p.anomaly_map.min())
+        assert np.abs(p.anomaly_map - q.anomaly_map).max() <= 1e-4 * rng
     # never overwrites silently
     with pytest.raises(PatchCoreError, match="already exists"):
         model.save(path)
