@@ -148,7 +148,7 @@ class PatchCore:
         self.target_far = target_far
         self.calibration_folds = calibration_folds
         self._fitted: _Fitted | None = None
-        self._net: tuple[LayerTaps, torch.Tensor, torch.Tensor, str] | None = None
+        self._net: tuple[list[tuple[LayerTaps, torch.Tensor, torch.Tensor]], str] | None = None
         self._bank: MemoryBank | None = None
         self.threshold_: float | None = None
         self.calibration_: dict[str, Any] = {}
@@ -183,7 +183,8 @@ class PatchCore:
         if not 0.0 < float(self.target_far) < 1.0:
             raise PatchCoreError(f"target_far must be in (0, 1), got {self.target_far}")
         if int(self.calibration_folds) < 0:
-            raise PatchCoreError(f"calibration_folds must be 0 (off) or at least 2, got {self.calibration_folds}")
+            raise PatchCoreError(f"calibration_folds must be 0 or more (below 2: no calibration in fit), "
+                                 f"got {self.calibration_folds}")
         for name in ("target_dim", "projection_dim", "num_neighbors", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise PatchCoreError(f"{name} must be at least 1")
