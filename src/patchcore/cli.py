@@ -39,7 +39,7 @@ from .errors import ImageError, PatchCoreError
 APP_HELP = (
     "PatchCore visual anomaly detection from the shell.\n\n"
     "Typical job: `patchcore fit GOOD_IMAGES -o model.safetensors` fits on good images and calibrates a "
-    "pass/fail threshold on held-out good ones; `patchcore predict model.safetensors NEW_IMAGES -o out` writes "
+    "pass/fail threshold for a target false-alarm rate on them (cross-fitted); `patchcore predict model.safetensors NEW_IMAGES -o out` writes "
     "per image the score, verdict, heat map and defect mask, plus summary.csv / summary.json; "
     "`patchcore evaluate MVTEC_CATEGORY -o eval --report` measures a setting on labelled data.\n\n"
     "Exit codes: 0 ok, 1 bad input (one line 'error: ...' on stderr), 2 wrong command line.")
@@ -893,8 +893,9 @@ def _evaluation_section(res):
     thr = res.image_f1_threshold
     sec = build_section(res.name, res.paths, res.scores, res.labels, thr, "F1-optimal threshold", get_map,
                         pixel_threshold=thr, defect_types=res.defect_types)
-    sec.notes.append("threshold: the F1-optimal one on this test set (evaluation has no held-out calibration); "
-                     "overlays are scaled so that this threshold is the middle of the colour scale")
+    sec.notes.append("threshold: the F1-optimal one on this test set, to show the galleries; the threshold the "
+                     "fit calibrated is checked in the table's 'good FAR' column. Overlays are scaled so that the "
+                     "F1 threshold is the middle of the colour scale")
     return sec
 
 

@@ -58,7 +58,7 @@ _ABOVE_MAX = 1.0 + 1e-6
 
 @dataclass
 class Calibration:
-    """How the threshold was obtained, with the statistics of the held-out good scores."""
+    """How the threshold was obtained, with the statistics of the good calibration scores."""
 
     threshold: float
     pixel_threshold: float
@@ -158,7 +158,7 @@ def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float,
 def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: str = "conformal",
                      map_maxima: Sequence[float] | None = None, defect_scores: Sequence[float] | None = None,
                      threshold_from: str = "far", source: str = "calibration images") -> Calibration:
-    """A :class:`Calibration` from already computed held-out good scores (and optional defect scores)."""
+    """A :class:`Calibration` from already computed good calibration scores (and optional defect scores)."""
     method = _ALIASES.get(method, method)
     s = np.asarray(scores, dtype=np.float64)
     t, rule, resolved = threshold_for_far(s, target_far, method)
