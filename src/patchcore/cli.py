@@ -39,7 +39,8 @@ from .errors import ImageError, PatchCoreError
 APP_HELP = (
     "PatchCore visual anomaly detection from the shell.\n\n"
     "Typical job: `patchcore fit GOOD_IMAGES -o model.safetensors` fits on good images and calibrates a "
-    "pass/fail threshold for a target false-alarm rate on them (cross-fitted); `patchcore predict model.safetensors NEW_IMAGES -o out` writes "
+    "pass/fail threshold for a target false-alarm rate on them (cross-fitted); "
+    "`patchcore predict model.safetensors NEW_IMAGES -o out` writes "
     "per image the score, verdict, heat map and defect mask, plus summary.csv / summary.json; "
     "`patchcore evaluate MVTEC_CATEGORY -o eval --report` measures a setting on labelled data.\n\n"
     "Exit codes: 0 ok, 1 bad input (one line 'error: ...' on stderr), 2 wrong command line.")
