@@ -309,6 +309,17 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _check_headers(files: list[Path]) -> None:
+    """Read every file's header before long work, so most bad images stop the run before anything is done."""
+    from .images import check_image_file
+
+    try:
+        for f in files:
+            check_image_file(f)
+    except ImageError as e:
+        raise _image_error_hint(e) from None
+
+
 def _image_error_hint(e: ImageError) -> CliError:
     return CliError(f"{e}; pass --skip-unreadable to leave unreadable images out (they are listed)")
 
@@ -423,7 +434,7 @@ def fit(
     json_out: JsonOut = False,
 ) -> None:
     """Fit a model on good images and calibrate its pass/fail threshold for a target false-alarm rate."""
-    from .images import check_image_file, list_images
+    from .images import list_images
     from .model import PatchCore
 
     _check_model_target(output, overwrite)
@@ -452,12 +463,8 @@ def fit(
     if not 0.0 < target_far < 1.0:
         raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
 
-    if not skip_unreadable:  # a header read per file finds most bad images before the long work
-        try:
-            for f in goods + (val_imgs or []) + (defect_imgs or []):
-                check_image_file(f)
-        except ImageError as e:
-            raise _image_error_hint(e) from None
+    if not skip_unreadable:
+        _check_headers(goods + (val_imgs or []) + (defect_imgs or []))
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
                            batch_size, backbone_weights, border_pad)
     # With a validation folder the cross-fit would be thrown away: skip its cost.
@@ -605,7 +612,7 @@ def predict(
     overlays/NAME.png (heat map blended on the image, white outline = defect mask) and masks/NAME.png
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
-    from .images import check_image_file, read_image
+    from .images import read_image
     from .visualize import overlay, save_map_png, save_png
 
     _check_out_parent(output)
@@ -630,9 +637,8 @@ def predict(
     names = output_names(files, base=images[0] if len(images) == 1 and images[0].is_dir() else None)
     by_path = {str(f): (f, n) for f, n in zip(files, names)}
     try:
-        if not skip_unreadable:  # a header read per file finds most bad images before anything is written
-            for f in files:
-                check_image_file(f)
+        if not skip_unreadable:
+            _check_headers(files)
         with _results_folder(output, overwrite):
             for d in RESULT_DIRS:
                 (output / d).mkdir()

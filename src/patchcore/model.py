@@ -404,7 +404,8 @@ class PatchCore:
         """Set the threshold for a target false-alarm rate (default: ``target_far``) and return how.
 
         ``good_images``: good images the bank was not built from, ideally from the production camera;
-        None re-uses the cross-fitted scores of the fit (to change the target without refitting).
+        None re-uses the stored calibration scores (the fit's cross-fitted ones, or those of the last call
+        with images), to change the target without refitting.
         ``defect_images`` (optional) add the F1-optimal threshold; ``threshold_from="f1"`` makes it the one used.
         """
         far = self.target_far if target_far is None else target_far
