@@ -11,7 +11,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import (BackboneError, DatasetError, ImageError, ModelFileError,  # noqa: E402
                      NotFittedError, PatchCoreError)
-from .model import PatchCore, Prediction  # noqa: E402
+from .prediction import Prediction  # noqa: E402
+
+
+def __getattr__(name: str):
+    # PatchCore needs torch; importing it lazily lets the torch-free runtime (patchcore.runtime) import
+    # this package on a machine without torch.
+    if name == "PatchCore":
+        from .model import PatchCore
+
+        return PatchCore
+    raise AttributeError(f"module 'patchcore' has no attribute {name!r}")
+
 
 __all__ = ["PatchCore", "Prediction", "PatchCoreError", "ImageError", "DatasetError", "BackboneError",
            "ModelFileError", "NotFittedError", "__version__"]

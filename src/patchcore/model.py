@@ -21,45 +21,14 @@ from .errors import ModelFileError, NotFittedError, PatchCoreError
 from .features import crop_border, patch_features
 from .images import PRESETS, ImagesLike, Item, Preprocessing, as_items, iter_loaded
 from .scoring import MemoryBank, reweighted_score, smooth
-from .thresholds import Calibration, calibrate, calibrate_scores, mask_level
+from .prediction import Prediction
+from .thresholds import Calibration, calibrate, calibrate_scores
 
 FORMAT = "patchcore"
 FORMAT_VERSION = 2  # 2: normalization and border_pad are settings (format 1 had neither)
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total); stages: "features", "coreset", "scoring"."""
-
-
-@dataclass
-class Prediction:
-    """The result for one image."""
-
-    name: str
-    score: float
-    anomaly_map: np.ndarray  # float32, H x W at the input image's own resolution
-    threshold: float | None = None
-    pixel_threshold: float | None = None  # the map level calibrated with the threshold (see defect_mask)
-
-    @property
-    def is_anomalous(self) -> bool | None:
-        """True when the score reaches the model's threshold; None when the model has no threshold."""
-        return None if self.threshold is None else bool(self.score >= self.threshold)
-
-    @property
-    def normalized_score(self) -> float | None:
-        """score / threshold: the threshold sits at 1.0 whatever the product; None without a threshold."""
-        return None if not self.threshold else float(self.score) / float(self.threshold)
-
-    @property
-    def mask_level(self) -> float:
-        """The map value from which pixels are defect pixels (infinite for a good verdict)."""
-        return mask_level(self.anomaly_map, self.score, self.threshold, self.pixel_threshold)
-
-    @property
-    def defect_mask(self) -> np.ndarray:
-        """Boolean H x W: where the defect is. Empty for a good verdict; for an anomalous one it always holds
-        at least the region around the map's peak, so the verdict can be seen in it."""
-        return self.anomaly_map >= self.mask_level
 
 
 @dataclass

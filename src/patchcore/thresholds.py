@@ -47,6 +47,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .errors import PatchCoreError
+from .prediction import mask_level  # noqa: F401  (re-exported: it was defined here)
 
 __all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "threshold_for_far",
            "normalized"]
@@ -226,23 +227,3 @@ def normalized(score: float, threshold: float | None) -> float | None:
     if threshold is None or threshold <= 0:
         return None
     return float(score) / float(threshold)
-
-
-def mask_level(amap: np.ndarray, score: float, threshold: float | None, pixel_threshold: float | None,
-               peak_share: float = 0.25) -> float:
-    """The map value from which pixels belong to the defect mask, so that masks agree with verdicts.
-
-    A good verdict (``score < threshold``) masks nothing. An anomalous one masks every pixel at or above the
-    pixel threshold, and always at least the region around the map's peak (the pixels within
-    ``peak_share`` of the peak's height above the map's median), so the mask shows where the score came
-    from even when the map's peak stays under the pixel threshold. Without a threshold, the pixel
-    threshold alone decides (and without that, nothing is masked).
-    """
-    a = np.asarray(amap)
-    if threshold is None:
-        return float(pixel_threshold) if pixel_threshold is not None else float("inf")
-    if score < threshold:
-        return float("inf")
-    peak = float(a.max())
-    around_peak = peak - peak_share * (peak - float(np.median(a)))
-    return around_peak if pixel_threshold is None else min(float(pixel_threshold), around_peak)

@@ -1,0 +1,111 @@
+"""Image files and arrays to RGB uint8, with numpy and Pillow only (the torch-free runtime shares this).
+
+Everything a user might hand us ends up as an ``H x W x 3`` uint8 array: grayscale is replicated,
+alpha is dropped, 16-bit and float images are scaled to 8 bits over their full nominal range.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+MIN_SIDE = 32  # below this the network sees only interpolated mush; refuse rather than guess
+
+
+def is_image_file(path: Path) -> bool:
+    """True for visible files with a known image extension (skips .DS_Store, ._foo, Thumbs.db)."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a folder")
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
+    """Convert a 2-D or 3-D array (gray, gray+alpha, RGB, RGBA; uint8/uint16/float) to H x W x 3 uint8."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] in (1, 2, 3, 4):
+        a = a[:, :, :1] if a.shape[2] in (1, 2) else a[:, :, :3]  # drop alpha
+    elif a.ndim != 2:
+        raise ImageError(f"{name}: expected an H x W or H x W x C image array, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ImageError(f"{name}: image contains NaN or infinite values")
+        if a.min() < 0 or a.max() > 1:
+            raise ImageError(f"{name}: float images must lie in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
+        a = (a * 255.0).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer):
+        if a.min() < 0 or a.max() > 255:
+            raise ImageError(f"{name}: integer images must be uint8 or uint16, got {a.dtype} outside 0-255")
+        a = a.astype(np.uint8)
+    else:
+        raise ImageError(f"{name}: unsupported image dtype {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    h, w = a.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ImageError(f"{name}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    return np.require(a, requirements=["C", "W"])  # writable, so torch.from_numpy needs no copy warning
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8; any failure is an ImageError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(img)
+                # Mode "I" from 16-bit PNGs holds values up to 65535; scale like uint16.
+                a = a.astype(np.uint16) if a.max() <= 65535 and a.min() >= 0 else a
+            elif img.mode == "F":
+                a = np.asarray(img, dtype=np.float32)
+                lo, hi = float(a.min()), float(a.max())
+                a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+            elif img.mode in ("L", "RGB"):
+                a = np.asarray(img)
+            elif img.mode in ("LA", "La"):
+                a = np.asarray(img.convert("L"))
+            else:  # P, RGBA, CMYK, YCbCr, 1, ...: Pillow knows how to get RGB
+                a = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+    return to_rgb(a, name=str(path))
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Cheap check before long work: the file opens as an image of at least MIN_SIDE pixels (header only).
+
+    Raises the ImageError that :func:`read_image` would; a file whose pixel data is damaged past its header
+    still passes (only reading it all can tell).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{path}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
