@@ -23,3 +23,15 @@ def link_images(src: Path, dst: Path, names: list[str]) -> Path:
     for n in names:
         (dst / n).symlink_to((src / n).resolve())
     return dst
+
+
+@pytest.fixture(scope="session")
+def small_model(bottle, tmp_path_factory) -> Path:
+    """A small model fitted on 10 good bottle images (1 % coreset, 3-fold cross-fitted calibration, target 10 %),
+    saved once per session for the tests that need a model file rather than a particular fit."""
+    from patchcore import PatchCore
+
+    root = tmp_path_factory.mktemp("small_model")
+    good = sorted((bottle / "train" / "good").iterdir())[::20][:10]
+    model = PatchCore(coreset_ratio=0.01, calibration_folds=3, target_far=0.1, device="cpu").fit(good)
+    return model.save(root / "bottle.safetensors")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,23 +201,24 @@ class LayerTaps(nn.Module):
                                 f"some that exist: {', '.join(top)}")
         order = [n for n, _ in model.named_modules()]
         self._last = max(self.layers, key=order.index)
-        self._out: dict[str, torch.Tensor] = {}
+        # Per thread: the service runs forwards of one model from several threads at once.
+        self._local = threading.local()
         for n in self.layers:
             modules[n].register_forward_hook(self._hook(n))
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            self._out[name] = output
+            self._local.out[name] = output
             if name == self._last:
                 raise _Reached
 
         return hook
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._out = {}
+        self._local.out = {}
         try:
             self.model(x)
         except _Reached:
             pass
-        out, self._out = [self._out[n] for n in self.layers], {}
+        out, self._local.out = [self._local.out[n] for n in self.layers], {}
         return out

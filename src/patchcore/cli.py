@@ -1,4 +1,4 @@
-"""The ``patchcore`` command: fit, predict, evaluate, info.
+"""The ``patchcore`` command: fit, predict, evaluate, info, serve.
 
 Exit codes: 0 success; 1 an error in the input (missing paths, unreadable images, a bad model file,
 results already present, ...), reported as one line ``error: ...`` on stderr; 2 a wrong command line
@@ -35,6 +35,9 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import ImageError, PatchCoreError
+from .inference import THRESHOLD_OVERRIDDEN, check_headers, describe_threshold, load_model  # noqa: F401
+from .inference import percent as _percent
+from .inference import result_of, thresholds_in_force
 
 APP_HELP = (
     "PatchCore visual anomaly detection from the shell.\n\n"
@@ -255,13 +258,7 @@ def _print_skipped(skipped: list[tuple[str, str]], quiet: bool) -> None:
             err_console.print(f"  {name}: {_skip_reason(name, reason)}", markup=False, soft_wrap=True)
 
 
-def _load_model(path: Path, device: str = "cpu"):
-    """PatchCore.load, after the mistakes the CLI can name better (a folder given where the model goes)."""
-    from .model import PatchCore
-
-    if path.is_dir():
-        raise CliError(f"{path} is a folder, not a model file (.safetensors written by patchcore fit)")
-    return PatchCore.load(path, device=device)
+_load_model = load_model  # the library's: friendly errors for a folder or a damaged file
 
 
 # Model settings whose constructor names say little to people (the rest read fine with spaces for "_").
@@ -269,31 +266,6 @@ PARAM_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "score
                 "sigma": "map smoothing (sigma, px)", "target_dim": "feature width", "coreset_ratio": "coreset ratio",
                 "projection_dim": "coreset projection width", "border_pad": "border padding (px)",
                 "calibration_folds": "calibration folds"}
-
-
-def _percent(rate: float) -> str:
-    return f"{100 * rate:.3g}%"
-
-
-THRESHOLD_OVERRIDDEN = "set with --threshold"
-
-
-def describe_threshold(calibration: dict[str, Any], overridden: bool) -> str:
-    """Where the image threshold comes from, as a short phrase for people (tables, summaries, reports)."""
-    if overridden:
-        return THRESHOLD_OVERRIDDEN
-    if not calibration:
-        return "not calibrated"
-    n = calibration.get("n")
-    on = f" on {n} good images" if n else ""
-    if calibration.get("threshold_from") == "f1":
-        f1, n_defect = calibration.get("f1"), calibration.get("n_defect")
-        return (f"best F1{f' ({f1:.3f})' if f1 is not None else ''} on {n or 'the'} good and "
-                f"{n_defect or 'the'} defective images")
-    far = calibration.get("target_far")
-    if far is None:
-        return f"calibrated{on}"
-    return f"calibrated for a {_percent(far)} false-alarm rate{on}"
 
 
 def _show(value: Any) -> str:
@@ -310,12 +282,9 @@ def _show(value: Any) -> str:
 
 
 def _check_headers(files: list[Path]) -> None:
-    """Read every file's header before long work, so most bad images stop the run before anything is done."""
-    from .images import check_image_file
-
+    """The library's header pre-check, with the CLI's way out (--skip-unreadable) in its message."""
     try:
-        for f in files:
-            check_image_file(f)
+        check_headers(files)
     except ImageError as e:
         raise _image_error_hint(e) from None
 
@@ -613,26 +582,15 @@ def predict(
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
     from .images import read_image
-    from .visualize import overlay, save_map_png, save_png
+    from .visualize import save_map_png, save_png
 
     _check_out_parent(output)
     _check_out_dir(output, overwrite)
     model = _load_model(model_path, device=device)
     model.batch_size = batch_size
     files = _collect_images(images)
-    cal = dict(model.calibration_ or {})
-    if threshold is not None:
-        if threshold <= 0:
-            raise CliError(f"--threshold must be positive, got {threshold}")
-        thr = float(threshold)
-        ratio = cal.get("pixel_threshold", thr) / model.threshold_ if model.threshold_ else 1.0
-        pix = thr * ratio
-    elif model.threshold_ is not None:
-        thr = float(model.threshold_)
-        pix = float(cal.get("pixel_threshold", thr))
-    else:
-        raise CliError(f"{model_path} has no calibrated threshold; refit it with `patchcore fit` or pass --threshold")
-    thr_source = describe_threshold(cal, overridden=threshold is not None)
+    thresholds = thresholds_in_force(model, threshold, "--threshold", model_name=str(model_path))
+    thr, pix, thr_source = thresholds.image, thresholds.pixel, thresholds.source
     model.threshold_ = thr
     names = output_names(files, base=images[0] if len(images) == 1 and images[0].is_dir() else None)
     by_path = {str(f): (f, n) for f, n in zip(files, names)}
@@ -647,23 +605,16 @@ def predict(
             with _Progress(not (quiet or json_out)) as prog:
                 for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
                     f, stem = by_path[pred.name]
-                    img = read_image(f)
-                    amap = pred.anomaly_map
-                    row: dict[str, Any] = {"name": stem, "path": str(f), "score": float(pred.score),
-                                           "normalized_score": pred.normalized_score,
-                                           "verdict": "anomalous" if pred.is_anomalous else "good",
-                                           "threshold": thr, "pixel_threshold": pix, "width": int(img.shape[1]),
-                                           "height": int(img.shape[0])}
-                    pred.threshold, pred.pixel_threshold = thr, pix
-                    mask = pred.defect_mask  # agrees with the verdict: empty when good, never empty when anomalous
-                    row["defect_area_fraction"] = float(mask.mean())
+                    res = result_of(pred, read_image(f), thresholds)  # what `patchcore serve` answers, too
+                    amap, mask = pred.anomaly_map, res.mask
+                    row: dict[str, Any] = {"name": stem, "path": str(f), **res.summary()}
                     if map_format in (MapFormat.npy, MapFormat.both):
                         np.save(output / "maps" / f"{stem}.npy", amap)
                         row["map_npy"] = f"maps/{stem}.npy"
                     if map_format in (MapFormat.png, MapFormat.both):
                         save_map_png(output / "maps" / f"{stem}.png", amap, pix)
                         row["map_png"] = f"maps/{stem}.png"
-                    save_png(output / "overlays" / f"{stem}.png", overlay(img, amap, pix, mask=mask))
+                    save_png(output / "overlays" / f"{stem}.png", res.overlay())
                     save_png(output / "masks" / f"{stem}.png", mask)
                     row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
                     rows.append(row)
@@ -993,6 +944,57 @@ def demo(
         raise CliError(f"{cat} already exists; choose another folder or pass --overwrite (replaces {cat} only)")
     make_demo(folder, seed=seed, overwrite=overwrite)
     out_console.print(f"wrote {escape(str(cat))} (train/good, test/<type>, ground_truth/<type>)")
+
+
+# --------------------------------------------------------------------------------------------- serve
+@app.command(cls=_Command)
+@_handles_errors
+def serve(
+    models_dir: Annotated[Path, typer.Argument(metavar="MODELS_DIR", help="Folder of model files (.safetensors); "
+                                               "each serves under its file stem, and files added or replaced "
+                                               "there are picked up while serving.", show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="PATCHCORE_API_KEY", show_envvar=True, show_default=False,
+        help="Require this key (X-API-Key header or Authorization: Bearer) on every endpoint but the health "
+             "checks, the page and the docs.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Images scored at the same time (threads).")] = 1,
+    queue: Annotated[int, typer.Option(help="Requests that may wait for a scorer; more get 503 with "
+                                            "Retry-After.")] = 8,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 20.0,
+    max_megapixels: Annotated[float, typer.Option(help="Largest image accepted, read from its header before "
+                                                       "decoding (422 beyond).")] = 25.0,
+    reload_interval: Annotated[float, typer.Option(help="Seconds between looks at MODELS_DIR for new or "
+                                                        "replaced model files.")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level: debug, info, warning, error.")] = "info",
+) -> None:
+    """Serve every model of MODELS_DIR over HTTP, with a web page to try them (FastAPI on uvicorn).
+
+    POST /v1/models/NAME:predict with an image (multipart field 'image', or the raw body) answers the score,
+    normalised score, verdict and threshold, as `patchcore predict` would; GET / is the web page, /docs the
+    API reference, /metrics Prometheus metrics, /healthz and /readyz the health checks.
+    """
+    from .service import ServiceSettings
+    from .service import serve as run_service
+
+    if not 0 < port < 65536:
+        raise CliError(f"--port must be between 1 and 65535, got {port}")
+    if models_dir.exists() and not models_dir.is_dir():
+        raise CliError(f"{models_dir} is a file; give the folder that holds the model files")
+    settings = ServiceSettings(models_dir=models_dir, api_key=api_key or None,
+                               max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                               max_pixels=int(max_megapixels * 1e6), concurrency=concurrency, queue_size=queue,
+                               reload_interval=reload_interval, device=device)
+    settings.check()
+    from .registry import MODEL_SUFFIX
+
+    found = sorted(p.name for p in models_dir.glob(f"*{MODEL_SUFFIX}") if not p.name.startswith("."))
+    err_console.print(f"serving {len(found)} model file(s) from {escape(str(models_dir))}"
+                      f"{': ' + escape(', '.join(found)) if found else ' (none yet: add some, they are picked up)'}"
+                      f"; page http://{host}:{port}/ , API reference http://{host}:{port}/docs", soft_wrap=True)
+    run_service(settings, host=host, port=port, log_level=log_level)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -6,6 +6,7 @@ alpha is dropped, 16-bit and float images are scaled to 8 bits over their full n
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -66,35 +67,71 @@ def to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
     return np.require(a, requirements=["C", "W"])  # writable, so torch.from_numpy needs no copy warning
 
 
+def _decode(img: Image.Image) -> np.ndarray:
+    """The opened image's pixels as an array that :func:`to_rgb` understands."""
+    img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img)
+        # Mode "I" from 16-bit PNGs holds values up to 65535; scale like uint16.
+        return a.astype(np.uint16) if a.max() <= 65535 and a.min() >= 0 else a
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    if img.mode in ("L", "RGB"):
+        return np.asarray(img)
+    if img.mode in ("LA", "La"):
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGB"))  # P, RGBA, CMYK, YCbCr, 1, ...: Pillow knows how to get RGB
+
+
+# Pillow refuses images past twice its MAX_IMAGE_PIXELS as possible decompression bombs; say so in one line.
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+
+
+def _bomb(name: str, e: Exception) -> ImageError:
+    return ImageError(f"{name}: too many pixels to decode safely ({' '.join(str(e).split())})")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as H x W x 3 uint8; any failure is an ImageError naming the file."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(img)
-                # Mode "I" from 16-bit PNGs holds values up to 65535; scale like uint16.
-                a = a.astype(np.uint16) if a.max() <= 65535 and a.min() >= 0 else a
-            elif img.mode == "F":
-                a = np.asarray(img, dtype=np.float32)
-                lo, hi = float(a.min()), float(a.max())
-                a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-            elif img.mode in ("L", "RGB"):
-                a = np.asarray(img)
-            elif img.mode in ("LA", "La"):
-                a = np.asarray(img.convert("L"))
-            else:  # P, RGBA, CMYK, YCbCr, 1, ...: Pillow knows how to get RGB
-                a = np.asarray(img.convert("RGB"))
+            a = _decode(img)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise _bomb(str(path), e) from None
+    except _UNREADABLE as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
     return to_rgb(a, name=str(path))
 
 
-def check_image_file(path: str | os.PathLike) -> None:
-    """Cheap check before long work: the file opens as an image of at least MIN_SIDE pixels (header only).
+def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode an image held in memory (an upload) as :func:`read_image` decodes a file; errors name ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            a = _decode(img)
+    except Image.DecompressionBombError as e:
+        raise _bomb(name, e) from None
+    except _UNREADABLE as e:
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
+    return to_rgb(a, name=name)
+
+
+def _check_size(name: str, w: int, h: int, max_pixels: int | None) -> tuple[int, int]:
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{name}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(f"{name}: image is {w}x{h} pixels ({w * h / 1e6:.1f} megapixels); the limit is "
+                         f"{max_pixels / 1e6:g} megapixels")
+    return w, h
+
+
+def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """Cheap check before long work: the file opens as an image of at least MIN_SIDE pixels a side and at most
+    ``max_pixels`` pixels (header only). Returns (width, height).
 
     Raises the ImageError that :func:`read_image` would; a file whose pixel data is damaged past its header
     still passes (only reading it all can tell).
@@ -105,7 +142,20 @@ def check_image_file(path: str | os.PathLike) -> None:
             w, h = img.size
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise _bomb(str(path), e) from None
+    except _UNREADABLE as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
-    if min(w, h) < MIN_SIDE:
-        raise ImageError(f"{path}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    return _check_size(str(path), w, h, max_pixels)
+
+
+def check_image_bytes(data: bytes, name: str = "image", max_pixels: int | None = None) -> tuple[int, int]:
+    """:func:`check_image_file` for an image in memory: reads the header only, decodes nothing."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise _bomb(name, e) from None
+    except _UNREADABLE as e:
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
+    return _check_size(name, w, h, max_pixels)
