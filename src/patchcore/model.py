@@ -438,6 +438,15 @@ class PatchCore:
         """Only the image scores, as an array."""
         return np.array([p.score for p in self.iter_predict(images)], dtype=np.float64)
 
+    def export(self, out_dir: str | os.PathLike, images: ImagesLike | None = None,
+               overwrite: bool = False, source: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Write an ONNX export for the torch-free runtime (:func:`patchcore.runtime.load`), after checking on
+        ``images`` (default: generated ones) that it scores like this model; returns the export's metadata.
+        See :func:`patchcore.export.export`."""
+        from .export import export
+
+        return export(self, out_dir, images=images, source=source, overwrite=overwrite)
+
     # ----------------------------------------------------------------------------------------- saving
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the model to one safetensors file (tensors + JSON metadata; loading it runs no code).
