@@ -176,3 +176,13 @@ def test_export_command(small_model, tmp_path):
     assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["export", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "y")])
     assert res.exit_code == 1 and "no such model file" in res.output
+
+
+def test_command_on_a_runtime_only_install_says_what_to_install():
+    code = ("import sys\n"
+            "sys.modules['typer'] = None\n"
+            "from patchcore.entry import main\n"
+            "main(['--help'])\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert 'pip install "patchcore[full]"' in res.stderr and "Traceback" not in res.stderr

@@ -1,6 +1,6 @@
 """``python -m patchcore``: the same command line as the ``patchcore`` console script."""
 
-from .cli import main
+from .entry import main
 
 if __name__ == "__main__":
     main()

@@ -922,6 +922,46 @@ def info(
     out_console.print(t)
 
 
+@app.command("export", cls=_Command)
+@_handles_errors
+def export_cmd(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`.",
+                                               show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="DIR", show_default=False,
+                                         help="Folder to write the export to (model.onnx + patchcore.json).")],
+    images: Annotated[Optional[list[Path]], typer.Option(
+        "--images", metavar="PATH", show_default=False,
+        help="Images of the product (files or folders; the first 8 are used) to check the export on; "
+             "default: generated images. Repeatable.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export in DIR.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Export a model for the torch-free runtime (ONNX); it must score like the model, or nothing is written."""
+    from .export import export
+
+    model = _load_model(model_path)
+    files = _collect_images(images)[:8] if images else None
+    if files:
+        _check_headers(files)
+    meta = export(model, output, images=files, source=model_path, overwrite=overwrite)
+    par = meta["parity"]
+    if json_out:
+        _emit_json({"export": str(output), **meta})
+        return
+    t = Table(title=f"{output}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("from", f"{model_path} (sha256 {meta['source_model']['sha256'][:16]})")
+    t.add_row("graph", f"{output / meta['onnx_file']} ({(output / meta['onnx_file']).stat().st_size / 1e6:.1f} MB, "
+                       f"opset {meta['opset']}, input {meta['input_size'][0]}x{meta['input_size'][1]})")
+    t.add_row("threshold", "none" if meta["threshold"] is None else f"{meta['threshold']:.6g}")
+    t.add_row("parity", f"{par['images']} {par['checked_on']}: scores within {par['score_max_rel_diff']:.1e} "
+                        f"(relative), maps within {par['map_max_diff_of_range']:.1e} of their range, verdicts "
+                        f"{'identical' if par['verdicts_identical'] else 'DIFFERENT'}")
+    t.add_row("score with", Text(f"from patchcore import runtime; runtime.load({str(output)!r}).predict(images)"))
+    out_console.print(t)
+
+
 @app.command(cls=_Command)
 @_handles_errors
 def demo(
