@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
@@ -285,14 +286,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 once it passes ``limit``. The rest of an oversized body is read and dropped (up to
     another ``limit``), so that clients that send everything before reading get the 413, not a reset."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            chunks = []
-            if size > 2 * limit:
-                break
-            continue
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                chunks = []
+                if size > 2 * limit:
+                    break
+                continue
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before the upload was complete") from None
     if size > limit:
         raise HTTPException(413, f"the upload is larger than the limit of {limit / MB:g} MB",
                             headers={"Connection": "close"})
