@@ -8,9 +8,11 @@ closed-loop clients (each sends the next image when the last answer came back) t
 (good and defective, 256 x 256 PNG) as raw bodies to /v1/models/bottle:predict:
 
   1. below saturation: --clients (8) clients for --seconds (60) against a server whose scorers + queue hold
-     them all (queue = clients): every request must succeed;
+     them all (scorers + queue = clients): every request must succeed;
   2. above saturation: 2 x --clients clients for --seconds / 2 against the same server: the excess must be
      refused with 503 (and Retry-After) and nothing else; clients told 503 wait the Retry-After seconds.
+
+A first short phase with one client gives the latency of a request that waits for nobody.
 
 Reports per phase requests/s (answered 200), p50/p90/p99 latency of those, counts by status, and the server
 process's resident memory (VmRSS) after warm-up, after each phase and its peak sampled every second, plus
@@ -174,6 +176,7 @@ def main() -> None:
                       f"{platform.machine()}", "python": platform.python_version(),
                       "concurrency": args.concurrency, "queue": queue, "images": len(images),
                       "rss_start_mb": rss_mb(server.pid), "loadavg_1min_start": os.getloadavg()[0]}
+            result["one_client"] = phase(port, images, 1, args.seconds / 4, server.pid)
             result["below_saturation"] = phase(port, images, args.clients, args.seconds, server.pid)
             result["above_saturation"] = phase(port, images, 2 * args.clients, args.seconds / 2, server.pid)
         finally:
@@ -181,7 +184,7 @@ def main() -> None:
             server.wait(timeout=60)
 
     below, above = result["below_saturation"], result["above_saturation"]
-    below["errors_ok"] = set(below["statuses"]) == {"200"}
+    below["errors_ok"] = set(below["statuses"]) == {"200"} == set(result["one_client"]["statuses"])
     above["errors_ok"] = set(above["statuses"]) <= {"200", "503"}
     print(json.dumps(result, indent=2))
     if args.json:
@@ -194,7 +197,8 @@ def main() -> None:
     for col in ("phase", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "statuses", "RSS end / peak MB",
                 "load avg"):
         t.add_column(col, justify="left" if col in ("phase", "statuses") else "right")
-    for name, r in (("below saturation", below), ("above saturation", above)):
+    for name, r in (("one client", result["one_client"]), ("below saturation", below),
+                    ("above saturation", above)):
         t.add_row(name, str(r["clients"]), f"{r['requests_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p90_ms']:.0f}",
                   f"{r['p99_ms']:.0f}", ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()),
                   f"{r['rss_end_mb']:.0f} / {r['rss_peak_mb']:.0f}", f"{r['loadavg_1min_end']:.2f}")
