@@ -1034,6 +1034,9 @@ def serve(
     err_console.print(f"serving {len(found)} model file(s) from {escape(str(models_dir))}"
                       f"{': ' + escape(', '.join(found)) if found else ' (none yet: add some, they are picked up)'}"
                       f"; page http://{host}:{port}/ , API reference http://{host}:{port}/docs", soft_wrap=True)
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"warning: listening on {escape(host)} without --api-key: whoever reaches this machine "
+                          f"can use the service", style="yellow", soft_wrap=True)
     run_service(settings, host=host, port=port, log_level=log_level)
 
 
