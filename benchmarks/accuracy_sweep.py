@@ -39,6 +39,8 @@ CANDIDATES: dict[str, dict] = {
     "ens_lite0_lite2": {"backbone": "efficientnet_lite0+efficientnet_lite2", "border_pad": 16},
     "ens_lite0_lite1_lite2": {"backbone": "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", "border_pad": 16},
     "ens_lite0_lite2_288": {"backbone": "efficientnet_lite0+efficientnet_lite2", "border_pad": 16, "image_size": 288},
+    "ens_lite0_lite1_320": {"backbone": "efficientnet_lite0+efficientnet_lite1", "border_pad": 16, "image_size": 320},
+    "lite0_352": {"border_pad": 16, "image_size": 352},
 }
 CATEGORIES = ("bottle", "screw")
 

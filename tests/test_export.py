@@ -66,20 +66,22 @@ def test_runtime_matches_pytorch_on_the_real_test_set(exported):
     name, cat, model, folder, meta = exported
     files = _test_images(cat)[::2]  # every other test image: good and every defect type
     ref = model.predict(files)
-    got = runtime.load(folder).predict(files)
-    assert [p.name for p in got] == [str(f) for f in files]
-    rel = np.array([abs(a.score - b.score) / abs(a.score) for a, b in zip(ref, got)])
-    map_diff = np.array([np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map) for a, b in zip(ref, got)])
-    assert rel.max() <= 1e-4, (name, rel.max())
-    assert map_diff.max() <= 1e-3, (name, map_diff.max())
-    assert [a.is_anomalous for a in ref] == [b.is_anomalous for b in got]
-    assert any(p.is_anomalous for p in got) and not all(p.is_anomalous for p in got)  # both verdicts occur
-    for a, b in zip(ref, got):
-        assert b.anomaly_map.shape == a.anomaly_map.shape and b.anomaly_map.dtype == np.float32
-        assert b.threshold == a.threshold and b.pixel_threshold == a.pixel_threshold
-        assert (b.defect_mask == a.defect_mask).mean() > 0.999
+    for path in ("fast", "graph"):
+        got = runtime.load(folder, path=path).predict(files)
+        assert [p.name for p in got] == [str(f) for f in files]
+        rel = np.array([abs(a.score - b.score) / abs(a.score) for a, b in zip(ref, got)])
+        map_diff = np.array([np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map)
+                             for a, b in zip(ref, got)])
+        assert rel.max() <= 1e-4, (name, path, rel.max())
+        assert map_diff.max() <= 1e-3, (name, path, map_diff.max())
+        assert [a.is_anomalous for a in ref] == [b.is_anomalous for b in got]
+        assert any(p.is_anomalous for p in got) and not all(p.is_anomalous for p in got)  # both verdicts occur
+        for a, b in zip(ref, got):
+            assert b.anomaly_map.shape == a.anomaly_map.shape and b.anomaly_map.dtype == np.float32
+            assert b.threshold == a.threshold and b.pixel_threshold == a.pixel_threshold
+            assert (b.defect_mask == a.defect_mask).mean() > 0.999
     # the export recorded the check it made on its own
-    assert meta["parity"]["verdicts_identical"] and meta["parity"]["score_max_rel_diff"] <= 1e-4
+    assert all(p["verdicts_identical"] and p["score_max_rel_diff"] <= 1e-4 for p in meta["parity"].values())
     assert json.loads((folder / "patchcore.json").read_text())["source_model"]["sha256"] == meta["source_model"]["sha256"]
 
 
@@ -91,8 +93,9 @@ def test_crop_preset_and_odd_sized_images_keep_parity(tmp_path):
     model.export(tmp_path / "x")
     img = Image.open(cat / "test" / "broken_large" / "000.png").convert("RGB")
     arrays = [np.asarray(img.resize((300, 280), Image.BILINEAR)), np.asarray(img.resize((181, 203), Image.BILINEAR))]
-    ref, got = model.predict(arrays), runtime.load(tmp_path / "x").predict(arrays)
-    for a, b in zip(ref, got):
+    ref = model.predict(arrays)
+    got = runtime.load(tmp_path / "x").predict(arrays) + runtime.load(tmp_path / "x", path="graph").predict(arrays)
+    for a, b in zip(ref + ref, got):
         assert b.anomaly_map.shape == a.anomaly_map.shape
         assert abs(a.score - b.score) <= 1e-4 * a.score
         assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-3 * np.ptp(a.anomaly_map)
@@ -131,7 +134,7 @@ def test_export_refuses_to_replace_user_files_and_overwrites_only_an_export(bott
     with pytest.raises(PatchCoreError, match="overwrite"):
         model.export(again)
     model.export(again, overwrite=True)
-    assert sorted(p.name for p in again.iterdir()) == ["model.onnx", "patchcore.json"]
+    assert sorted(p.name for p in again.iterdir()) == ["features.onnx", "model.onnx", "patchcore.json", "search.npz"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
@@ -157,11 +160,13 @@ def test_runtime_refuses_foreign_and_tampered_exports(bottle_exported, tmp_path)
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "patchcore.json").write_text((folder / "patchcore.json").read_text())
-    graph = bytearray((folder / "model.onnx").read_bytes())
-    graph[len(graph) // 2] ^= 0xFF
-    (copy / "model.onnx").write_bytes(bytes(graph))
-    with pytest.raises(ModelFileError, match="checksum"):
-        runtime.load(copy)
+    for name in ("model.onnx", "features.onnx", "search.npz"):
+        data = bytearray((folder / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / name).write_bytes(bytes(data))
+    for path in ("fast", "graph"):
+        with pytest.raises(ModelFileError, match="checksum"):
+            runtime.load(copy, path=path)
     (copy / "patchcore.json").write_text("{not json")
     with pytest.raises(ModelFileError, match="damaged"):
         runtime.load(copy)
@@ -171,7 +176,7 @@ def test_export_command(small_model, tmp_path):
     res = CliRunner().invoke(app, ["export", str(small_model), "-o", str(tmp_path / "x"), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["parity"]["verdicts_identical"] and doc["parity"]["checked_on"] == "generated images"
+    assert doc["parity"]["fast"]["verdicts_identical"] and doc["parity"]["graph"]["checked_on"] == "generated images"
     res = CliRunner().invoke(app, ["export", str(small_model), "-o", str(tmp_path / "x")])
     assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["export", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "y")])

@@ -952,12 +952,14 @@ def export_cmd(
     t.add_column(style="bold")
     t.add_column()
     t.add_row("from", f"{model_path} (sha256 {meta['source_model']['sha256'][:16]})")
-    t.add_row("graph", f"{output / meta['onnx_file']} ({(output / meta['onnx_file']).stat().st_size / 1e6:.1f} MB, "
-                       f"opset {meta['opset']}, input {meta['input_size'][0]}x{meta['input_size'][1]})")
+    t.add_row("graphs", f"{meta['onnx_file']} (the whole pipeline), {meta['fast_path']['features_file']} + "
+                        f"{meta['fast_path']['search_file']} (the runtime's fast path); opset {meta['opset']}, "
+                        f"input {meta['input_size'][0]}x{meta['input_size'][1]}")
     t.add_row("threshold", "none" if meta["threshold"] is None else f"{meta['threshold']:.6g}")
-    t.add_row("parity", f"{par['images']} {par['checked_on']}: scores within {par['score_max_rel_diff']:.1e} "
-                        f"(relative), maps within {par['map_max_diff_of_range']:.1e} of their range, verdicts "
-                        f"{'identical' if par['verdicts_identical'] else 'DIFFERENT'}")
+    for path, p in par.items():
+        t.add_row(f"parity ({path})", f"{p['images']} {p['checked_on']}: scores within {p['score_max_rel_diff']:.1e} "
+                                      f"(relative), maps within {p['map_max_diff_of_range']:.1e} of their range, "
+                                      f"verdicts {'identical' if p['verdicts_identical'] else 'DIFFERENT'}")
     t.add_row("score with", Text(f"from patchcore import runtime; runtime.load({str(output)!r}).predict(images)"))
     out_console.print(t)
 

@@ -34,37 +34,30 @@ from .errors import PatchCoreError
 from .features import crop_border, patch_features
 from .images import ImagesLike, as_items, iter_loaded
 from .model import PatchCore
+from .postprocess import gaussian_kernel
 from .scoring import MemoryBank
+from .search import CellSearch
 
 EXPORT_FORMAT = "patchcore-export"
 EXPORT_VERSION = 1
 ONNX_FILE, META_FILE = "model.onnx", "patchcore.json"
+FEATURES_FILE, SEARCH_FILE = "features.onnx", "search.npz"
+FILES = (ONNX_FILE, META_FILE, FEATURES_FILE, SEARCH_FILE)
 OPSET = 18
 # Parity required of an export (issue 8): image scores within 1e-4 relative, maps within 1e-3 of their range.
 SCORE_RTOL, MAP_TOL = 1e-4, 1e-3
 
 
 def eq7_support(bank: np.ndarray, b: int) -> np.ndarray:
-    """(K, b) int64: for each bank feature, itself first, then its b - 1 nearest other bank features.
-
-    Exactly what :func:`patchcore.scoring.reweighted_score` searches for at predict time, done once.
-    """
-    mb = MemoryBank(bank)
+    """(K, b) int64: for each bank feature, itself first, then its b - 1 nearest other bank features:
+    what :func:`patchcore.scoring.reweighted_score` uses at predict time, for every bank feature at once."""
+    mb = MemoryBank(bank, cells=1)
     b = min(b, len(mb))
     _, nn_idx = mb.search(mb.bank, b)
     out = np.empty_like(nn_idx)
-    for i in range(len(mb)):  # the loop keeps exact duplicates' order as reweighted_score does
-        row = nn_idx[i]
+    for i, row in enumerate(nn_idx):  # as MemoryBank.support orders them (exact duplicates included)
         out[i] = np.concatenate([[i], row[row != i]])[:b] if i in row else np.concatenate([[i], row[:-1]])
     return out.astype(np.int64)
-
-
-def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """scipy.ndimage.gaussian_filter's 1-D kernel (radius int(truncate * sigma + 0.5))."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).astype(np.float32)
 
 
 def _symmetric_index(n: int, r: int) -> torch.Tensor:
@@ -74,6 +67,18 @@ def _symmetric_index(n: int, r: int) -> torch.Tensor:
     i = np.mod(i, period)
     i = np.where(i >= n, period - 1 - i, i)
     return torch.from_numpy(i.astype(np.int64))
+
+
+class _Features(nn.Module):
+    """The network part of the pipeline alone (the runtime's fast path searches the bank in numpy)."""
+
+    def __init__(self, pipe: _Pipeline) -> None:
+        super().__init__()
+        self.pipe = pipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.pipe.features(x)
+        return f.reshape(f.shape[0], f.shape[1] * f.shape[2], f.shape[3])
 
 
 class _Pipeline(nn.Module):
@@ -111,14 +116,14 @@ class _Pipeline(nn.Module):
                 self.cuts.append(cuts)
         self.sigma = float(model.sigma)
         if self.sigma > 0:
-            k = gaussian_kernel(self.sigma)
+            k = gaussian_kernel(self.sigma).astype(np.float32)
             r = len(k) // 2
             self.register_buffer("kernel", torch.from_numpy(k))
             self.register_buffer("pad_y", _symmetric_index(self.input_size[0], r))
             self.register_buffer("pad_x", _symmetric_index(self.input_size[1], r))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, h, w, D) patch features of a (N, 3, h, w) input in [0, 1]."""
         feats = []
         for i, taps in enumerate(self.taps):
             z = (x - self.mean[i:i + 1]) / self.std[i:i + 1]
@@ -126,7 +131,11 @@ class _Pipeline(nn.Module):
                 z = F.pad(z, (self.pad,) * 4, mode="reflect")
             fmaps = [f[..., y0:y1, x0:x1] for f, (y0, y1, x0, x1) in zip(taps(z), self.cuts[i])]
             feats.append(patch_features(fmaps, self.target_dim))
-        f = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        f = self.features(x)
         h, w, d = f.shape[1], f.shape[2], f.shape[3]
         q = f.reshape(n, h * w, d)
         # Squared distances as faiss's exact search computes them: |q|^2 - 2 q.m + |m|^2.
@@ -189,13 +198,24 @@ def parity(model: PatchCore, runtime: Any, images: list[Any]) -> dict[str, float
             "verdicts_identical": bool(verdicts)}
 
 
+def _onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> None:
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings are about shapes we fixed on purpose
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=outputs,
+                          dynamic_axes={"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
+
+
 def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | None = None,
            source: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Write ``model`` as an ONNX export folder for :func:`patchcore.runtime.load`; return its metadata.
+    """Write ``model`` as an export folder for :func:`patchcore.runtime.load`; return its metadata.
 
-    ``images`` (a few real images of the product, recommended) are scored by both paths first; without
-    them, generated images are used. A parity failure raises PatchCoreError and writes nothing.
-    ``source`` is the model file, recorded by its SHA-256.
+    The folder holds ``model.onnx`` (the whole per-image pipeline in one graph), ``features.onnx`` (the
+    network part) with ``search.npz`` (the bank, its k-means cells and Eq. 7's neighbours) for the runtime's
+    fast path, which searches the bank exactly in numpy, visiting only the cells that can hold the answer,
+    and ``patchcore.json``. ``images`` (a few real images of the product, recommended) are scored by the
+    model and by both runtime paths first; without them, generated images are used. A parity failure raises
+    PatchCoreError and writes nothing. ``source`` is the model file, recorded by its SHA-256.
     """
     from .runtime import Runtime  # the runtime reads back exactly what is written here
 
@@ -203,7 +223,7 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # Only an earlier export is ever replaced, never a folder with the user's other files.
-        if not overwrite or not out.is_dir() or sorted(p.name for p in out.iterdir()) != sorted([ONNX_FILE, META_FILE]):
+        if not overwrite or not out.is_dir() or sorted(p.name for p in out.iterdir()) != sorted(FILES):
             raise PatchCoreError(f"{out} already exists and is not empty" + (
                 "" if overwrite else "; choose another folder, or overwrite an earlier export")
                 + ("" if not overwrite else " (only an earlier export folder is overwritten)"))
@@ -212,44 +232,48 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
     pipe = _Pipeline(model).eval()
     h, w = model.preprocessing.input_size
     example = torch.rand(1, 3, h, w)
+    bank = model.memory_bank_.astype(np.float32)
+    with torch.inference_mode():
+        grid = list(pipe.features(example).shape[1:3])
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "patchcore_version": __version__,
         "onnx_file": ONNX_FILE, "opset": OPSET,
+        "fast_path": {"features_file": FEATURES_FILE, "search_file": SEARCH_FILE, "grid": grid},
         "source_model": {"path": Path(source).name if source else None,
                          "sha256": model_fingerprint(source) if source else None,
                          "backbone": model._setting("backbone"), "backbone_fingerprint": model._require().fingerprint},
         "preprocessing": {"resize": list(model.preprocessing.resize),
                           "crop": list(model.preprocessing.crop) if model.preprocessing.crop else None},
         "input_size": [h, w], "num_neighbors": int(model.num_neighbors), "sigma": float(model.sigma),
-        "bank_size": int(model.memory_bank_.shape[0]), "feature_dim": int(model.memory_bank_.shape[1]),
+        "bank_size": int(bank.shape[0]), "feature_dim": int(bank.shape[1]),
         "threshold": model.threshold_,
         "pixel_threshold": (model.calibration_ or {}).get("pixel_threshold"),
         "calibration": {k: v for k, v in (model.calibration_ or {}).items() if k not in ("scores", "map_maxima")},
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's tracer warnings are about code we checked
-            torch.onnx.export(pipe, (example,), str(tmp / ONNX_FILE), dynamo=False, opset_version=OPSET,
-                              input_names=["image"], output_names=["score", "anomaly_map"],
-                              dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"},
-                                            "anomaly_map": {0: "batch"}})
-        meta["onnx_sha256"] = model_fingerprint(tmp / ONNX_FILE)
+        _onnx(pipe, example, tmp / ONNX_FILE, ["score", "anomaly_map"])
+        _onnx(_Features(pipe).eval(), example, tmp / FEATURES_FILE, ["features"])
+        arrays = {"bank": bank, **model._memory().cells().to_arrays()}
+        if model.num_neighbors > 1:
+            arrays["support"] = eq7_support(bank, int(model.num_neighbors))
+        np.savez(tmp / SEARCH_FILE, **arrays)
+        for key, name in (("onnx_sha256", ONNX_FILE), ("features_sha256", FEATURES_FILE),
+                          ("search_sha256", SEARCH_FILE)):
+            meta[key] = model_fingerprint(tmp / name)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        runtime = Runtime(tmp)
-        if images is None:
-            check = check_images((h, w))
-        else:
-            check = [a for _, a in iter_loaded(as_items(images))][:8]
-        result = parity(model, runtime, check)
-        meta["parity"] = {**result, "checked_on": "given images" if images is not None else "generated images",
-                          "score_rtol": SCORE_RTOL, "map_tol": MAP_TOL}
-        if not (result["score_max_rel_diff"] <= SCORE_RTOL and result["map_max_diff_of_range"] <= MAP_TOL
-                and result["verdicts_identical"]):
-            raise PatchCoreError(
-                f"the export does not score like the model (score difference {result['score_max_rel_diff']:.2e} "
-                f"relative, map {result['map_max_diff_of_range']:.2e} of its range, verdicts identical: "
-                f"{result['verdicts_identical']}); nothing was written")
+        check = check_images((h, w)) if images is None else [a for _, a in iter_loaded(as_items(images))][:8]
+        meta["parity"] = {}
+        for path in ("fast", "graph"):
+            result = parity(model, Runtime(tmp, path=path), check)
+            meta["parity"][path] = {**result, "checked_on": "given images" if images is not None else "generated images",
+                                    "score_rtol": SCORE_RTOL, "map_tol": MAP_TOL}
+            if not (result["score_max_rel_diff"] <= SCORE_RTOL and result["map_max_diff_of_range"] <= MAP_TOL
+                    and result["verdicts_identical"]):
+                raise PatchCoreError(
+                    f"the export ({path} path) does not score like the model (score difference "
+                    f"{result['score_max_rel_diff']:.2e} relative, map {result['map_max_diff_of_range']:.2e} of its "
+                    f"range, verdicts identical: {result['verdicts_identical']}); nothing was written")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if out.exists():
             shutil.rmtree(out)

@@ -357,8 +357,8 @@ class PatchCore:
         n, h, w, d = feats.shape
         pre = self.preprocessing
         flat = feats.reshape(-1, d).numpy()
-        dist, nn = bank.search(flat)
-        dist, nn = dist[:, 0].reshape(n, h * w), nn[:, 0].reshape(n, h * w)
+        dist, nn = bank.nearest(flat)
+        dist, nn = dist.reshape(n, h * w), nn.reshape(n, h * w)
         for i in range(n):
             j = int(dist[i].argmax())
             score = reweighted_score(bank, flat[i * h * w + j], float(dist[i, j]), int(nn[i, j]),

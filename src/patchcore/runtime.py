@@ -7,7 +7,10 @@
 
 Predictions have the fields of :meth:`patchcore.PatchCore.predict` (score, anomaly map at the image's own
 size, threshold, verdict, defect mask), and the same values within the parity the export checked
-(``Runtime.meta["parity"]``). Importing this module imports neither torch nor faiss.
+(``Runtime.meta["parity"]``). Importing this module imports neither torch nor faiss. By default the network runs
+in onnxruntime and the memory bank is searched exactly in numpy, visiting only the k-means cells of the bank
+that can hold each patch's nearest neighbour (:mod:`patchcore.search`); ``path="graph"`` runs the export's
+single graph of the whole pipeline instead.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import numpy as np
 
 from .errors import ImageError, ModelFileError, PatchCoreError
 from .imagefiles import list_images, read_image, to_rgb
+from .postprocess import eq7_weight, score_map
 from .prediction import Prediction
 from .resample import resize
+from .search import CellSearch
 
 EXPORT_FORMAT, EXPORT_VERSION = "patchcore-export", 1
 META_FILE = "patchcore.json"
@@ -61,7 +66,8 @@ def _sha256(path: Path) -> str:
 class Runtime:
     """An exported model, loaded for scoring. Use :func:`load`."""
 
-    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 path: str = "fast") -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -74,15 +80,21 @@ class Runtime:
         try:
             meta = json.loads(meta_path.read_text())
             fmt, version = meta["format"], int(meta["format_version"])
-            onnx_path = folder / meta["onnx_file"]
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{meta_path}: damaged export metadata ({type(e).__name__})") from None
         if fmt != EXPORT_FORMAT:
             raise ModelFileError(f"{meta_path}: not a patchcore export")
         if version > EXPORT_VERSION:
             raise ModelFileError(f"{folder}: export format {version} is newer than this runtime reads; upgrade patchcore")
-        if not onnx_path.is_file() or _sha256(onnx_path) != meta.get("onnx_sha256"):
-            raise ModelFileError(f"{onnx_path}: missing, or not the graph this export was written with (checksum)")
+        if path not in ("fast", "graph"):
+            raise PatchCoreError(f"path must be 'fast' or 'graph', got {path!r}")
+        fast = meta.get("fast_path") if path == "fast" else None
+        if path == "fast" and not fast:
+            raise ModelFileError(f"{folder}: this export has no fast path; load it with path='graph'")
+        graph = folder / (fast["features_file"] if fast else meta["onnx_file"])
+        digest = meta.get("features_sha256") if fast else meta.get("onnx_sha256")
+        if not graph.is_file() or _sha256(graph) != digest:
+            raise ModelFileError(f"{graph}: missing, or not the graph this export was written with (checksum)")
         if device not in PROVIDERS:
             raise PatchCoreError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}")
         if PROVIDERS[device] not in ort.get_available_providers():
@@ -91,9 +103,22 @@ class Runtime:
         if threads:
             opts.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(onnx_path), opts, providers=[PROVIDERS[device]])
+            self.session = ort.InferenceSession(str(graph), opts, providers=[PROVIDERS[device]])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for damaged graphs
-            raise ModelFileError(f"{onnx_path}: onnxruntime cannot load it ({type(e).__name__})") from None
+            raise ModelFileError(f"{graph}: onnxruntime cannot load it ({type(e).__name__})") from None
+        self.path = path
+        if fast:
+            arrays_path = folder / fast["search_file"]
+            if not arrays_path.is_file() or _sha256(arrays_path) != meta.get("search_sha256"):
+                raise ModelFileError(f"{arrays_path}: missing, or not the one this export was written with (checksum)")
+            with np.load(arrays_path, allow_pickle=False) as z:  # plain arrays only: loading runs no code
+                arrays = {k: z[k] for k in z.files}
+            self.bank = np.ascontiguousarray(arrays["bank"], dtype=np.float32)
+            self.cells = CellSearch.from_arrays(self.bank, arrays)
+            self.support = arrays.get("support")
+            self.grid = tuple(fast["grid"])
+        self.num_neighbors = int(meta.get("num_neighbors", 1))
+        self.sigma = float(meta.get("sigma", 0.0))
         self.folder = folder
         self.meta: dict[str, Any] = meta
         prep = meta["preprocessing"]
@@ -126,11 +151,29 @@ class Runtime:
             amap = full
         return resize(amap, size, antialias=False).astype(np.float32)
 
+    def _fast(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """Score and input-size map from the network graph, the exact cell search and numpy post-processing:
+        what the one-graph path computes, with a fraction of the bank compared."""
+        (feats,) = self.session.run(None, {"image": x})
+        q = feats[0]
+        dist, nn_idx, _ = self.cells.nearest(q)
+        j = int(dist.argmax())
+        score = float(dist[j])
+        if self.num_neighbors > 1 and self.support is not None:
+            sup = self.support[int(nn_idx[j])]
+            d = np.linalg.norm(self.bank[sup].astype(np.float64) - q[j].astype(np.float64), axis=1)
+            score *= eq7_weight(d)
+        return score, score_map(dist.reshape(self.grid), self.input_size, self.sigma)
+
     def score_array(self, rgb: np.ndarray, name: str = "image") -> Prediction:
         """Score one H x W x 3 uint8 image."""
-        score, amap = self.session.run(None, {"image": self._input(rgb)})
-        return Prediction(name, float(score[0]), self._to_image(amap[0], rgb.shape[:2]),
-                          self.threshold, self.pixel_threshold)
+        x = self._input(rgb)
+        if self.path == "fast":
+            score, amap = self._fast(x)
+        else:
+            s, m = self.session.run(None, {"image": x})
+            score, amap = float(s[0]), m[0]
+        return Prediction(name, score, self._to_image(amap, rgb.shape[:2]), self.threshold, self.pixel_threshold)
 
     def iter_predict(self, images: ImageInput | Sequence[ImageInput], skip_unreadable: bool = False
                      ) -> Iterator[Prediction]:
@@ -155,6 +198,11 @@ class Runtime:
         return f"Runtime({str(self.folder)!r}, backbone={src.get('backbone')!r}, threshold={self.threshold})"
 
 
-def load(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> Runtime:
-    """Load an export folder written by ``patchcore export`` / :func:`patchcore.export.export`."""
-    return Runtime(folder, device, threads)
+def load(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None, path: str = "fast") -> Runtime:
+    """Load an export folder written by ``patchcore export`` / :func:`patchcore.export.export`.
+
+    ``path="fast"`` (default) runs the network graph and searches the bank exactly in numpy, comparing each
+    patch with the cells that can hold its nearest neighbour; ``path="graph"`` runs the single graph of the
+    whole pipeline (brute-force search inside onnxruntime). Both were checked against the model at export.
+    """
+    return Runtime(folder, device, threads, path)

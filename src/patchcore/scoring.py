@@ -7,14 +7,25 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .postprocess import eq7_weight
+from .search import CellSearch, default_cells
+
 
 class MemoryBank:
-    """Exact L2 nearest-neighbour search over the bank (faiss IndexFlatL2)."""
+    """Exact L2 nearest-neighbour search over the bank: faiss IndexFlatL2 for k neighbours, and the cell-pruned
+    exact search of :mod:`patchcore.search` for the one nearest neighbour of every patch."""
 
-    def __init__(self, bank: np.ndarray) -> None:
+    def __init__(self, bank: np.ndarray, cells: int | None = None) -> None:
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.index = faiss.IndexFlatL2(self.bank.shape[1])
         self.index.add(self.bank)
+        n_cells = cells or default_cells(len(self.bank))
+        self._cells = CellSearch(self.bank, n_cells) if n_cells > 1 else None
+        self._support: dict[tuple[int, int], np.ndarray] = {}
+
+    def cells(self) -> CellSearch:
+        """The cell-pruned search over this bank (one cell for a small bank: then it is brute force)."""
+        return self._cells if self._cells is not None else CellSearch(self.bank, 1)
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -23,6 +34,32 @@ class MemoryBank:
         """Euclidean distances (not squared) and indices of the k nearest bank features, shape (Q, k)."""
         d2, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return np.sqrt(np.maximum(d2, 0.0)), idx
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance and index of each query's nearest bank feature, shape (Q,): the same answer as
+        ``search(queries, 1)`` (up to float rounding), comparing each query with a fraction of the bank."""
+        if self._cells is None:
+            d, i = self.search(queries, 1)
+            return d[:, 0], i[:, 0]
+        d, i, _ = self._cells.nearest(queries)
+        return d, i
+
+    def support(self, index: int, b: int) -> np.ndarray:
+        """N_b of Eq. 7 for bank feature ``index``: itself first, then its b - 1 nearest other bank features.
+        Cached: a line scores the same few bank features' neighbourhoods again and again."""
+        key = (int(index), int(b))
+        found = self._support.get(key)  # a local, so a concurrent clear() cannot lose it
+        if found is None:
+            _, found = self.search(self.bank[index][None], b)
+            found = found[0]
+            if index not in found:  # exact duplicates in the bank: make sure m* itself leads
+                found = np.concatenate([[index], found[:-1]])
+            else:
+                found = np.concatenate([[index], found[found != index]])
+            if len(self._support) > 65536:
+                self._support.clear()
+            self._support[key] = found
+        return found
 
 
 def reweighted_score(bank: MemoryBank, patch: np.ndarray, patch_score: float, nn_index: int,
@@ -37,18 +74,9 @@ def reweighted_score(bank: MemoryBank, patch: np.ndarray, patch_score: float, nn
     """
     if num_neighbors <= 1:
         return float(patch_score)
-    b = min(num_neighbors, len(bank))
-    _, support = bank.search(bank.bank[nn_index][None], b)
-    support = support[0]
-    if nn_index not in support:  # exact duplicates in the bank: make sure m* itself leads
-        support = np.concatenate([[nn_index], support[:-1]])
-    else:
-        support = np.concatenate([[nn_index], support[support != nn_index]])
+    support = bank.support(nn_index, min(num_neighbors, len(bank)))
     dist = np.linalg.norm(bank.bank[support].astype(np.float64) - patch.astype(np.float64), axis=1)
-    # softmax of the distances, computed stably; its first entry is the fraction in Eq. 7
-    e = np.exp(dist - dist.max())
-    weight = 1.0 - e[0] / e.sum()
-    return float(weight * patch_score)
+    return eq7_weight(dist) * float(patch_score)
 
 
 def smooth(amap: np.ndarray | torch.Tensor, sigma: float) -> torch.Tensor:
