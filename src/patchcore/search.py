@@ -11,6 +11,8 @@ bottle, a query visits about a tenth of the bank.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 # Below this many features brute force is as fast as anything, so the bank stays one cell.
@@ -20,6 +22,46 @@ MIN_CLUSTERED = 4096
 def default_cells(n: int) -> int:
     """Cells for a bank of n features: ~2 sqrt(n) members each (measured on bottle, docs/benchmarks.md)."""
     return 1 if n < MIN_CLUSTERED else int(round(np.sqrt(n) / 2))
+
+
+class _OneBlasThread:
+    """Run numpy's BLAS on one thread while any search runs (re-entrant across threads).
+
+    The search is a few hundred small matrix products per image. With OpenBLAS's default of one thread a
+    core, every product wakes and joins the other threads; on a busy 2-core machine each wake-up waits for a
+    time slice, and one image took 1.4 s instead of 28 ms (measured on bottle at a load average of 3).
+    The limit is process-wide (that is how BLAS works), so it is taken by the first search in and given
+    back by the last one out.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._limit = None
+        self._controller = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                try:
+                    from threadpoolctl import ThreadpoolController
+                except ImportError:  # without threadpoolctl the search is right, only slower on busy machines
+                    ThreadpoolController = None  # noqa: N806
+                if ThreadpoolController is not None:
+                    if self._controller is None:
+                        self._controller = ThreadpoolController().select(user_api="blas")
+                    self._limit = self._controller.limit(limits=1)
+            self._inside += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0 and self._limit is not None:
+                self._limit.restore_original_limits()
+                self._limit = None
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 class CellSearch:
@@ -94,6 +136,10 @@ class CellSearch:
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Distance (not squared) and bank index of each query's nearest feature, and the share of the
         bank's features that were compared (1.0 for brute force)."""
+        with _one_blas_thread:
+            return self._nearest(queries)
+
+    def _nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         n = len(q)
         qsq = (q.astype(np.float64) ** 2).sum(1)
