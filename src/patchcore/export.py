@@ -254,7 +254,9 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
     try:
         _onnx(pipe, example, tmp / ONNX_FILE, ["score", "anomaly_map"])
         _onnx(_Features(pipe).eval(), example, tmp / FEATURES_FILE, ["features"])
-        arrays = {"bank": bank, **model._memory().cells().to_arrays()}
+        cells = model._memory().cells()
+        meta["fast_path"]["cells"] = cells.n_cells
+        arrays = {"bank": bank, **cells.to_arrays()}
         if model.num_neighbors > 1:
             arrays["support"] = eq7_support(bank, int(model.num_neighbors))
         np.savez(tmp / SEARCH_FILE, **arrays)

@@ -67,7 +67,7 @@ class Runtime:
     """An exported model, loaded for scoring. Use :func:`load`."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 path: str = "fast") -> None:
+                 path: str = "auto") -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -86,8 +86,13 @@ class Runtime:
             raise ModelFileError(f"{meta_path}: not a patchcore export")
         if version > EXPORT_VERSION:
             raise ModelFileError(f"{folder}: export format {version} is newer than this runtime reads; upgrade patchcore")
-        if path not in ("fast", "graph"):
-            raise PatchCoreError(f"path must be 'fast' or 'graph', got {path!r}")
+        if path not in ("auto", "fast", "graph"):
+            raise PatchCoreError(f"path must be 'auto', 'fast' or 'graph', got {path!r}")
+        if path == "auto":
+            # A bank small enough to be one cell is searched by brute force either way, and onnxruntime's
+            # multi-threaded graph does that faster than numpy on one thread (measured: 22 vs 57 ms per image
+            # for a 2,140-feature bank; 85 vs 62 ms the other way round for 21,401 features).
+            path = "fast" if meta.get("fast_path", {}).get("cells", 1) > 1 else "graph"
         fast = meta.get("fast_path") if path == "fast" else None
         if path == "fast" and not fast:
             raise ModelFileError(f"{folder}: this export has no fast path; load it with path='graph'")
@@ -198,11 +203,12 @@ class Runtime:
         return f"Runtime({str(self.folder)!r}, backbone={src.get('backbone')!r}, threshold={self.threshold})"
 
 
-def load(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None, path: str = "fast") -> Runtime:
+def load(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None, path: str = "auto") -> Runtime:
     """Load an export folder written by ``patchcore export`` / :func:`patchcore.export.export`.
 
-    ``path="fast"`` (default) runs the network graph and searches the bank exactly in numpy, comparing each
-    patch with the cells that can hold its nearest neighbour; ``path="graph"`` runs the single graph of the
-    whole pipeline (brute-force search inside onnxruntime). Both were checked against the model at export.
+    ``path="fast"`` runs the network graph and searches the bank exactly in numpy, comparing each patch with
+    the cells that can hold its nearest neighbour; ``path="graph"`` runs the single graph of the whole
+    pipeline (brute-force search inside onnxruntime). Both were checked against the model at export.
+    ``"auto"`` (default) takes the fast path for a bank split into cells, the graph for a small bank.
     """
     return Runtime(folder, device, threads, path)
