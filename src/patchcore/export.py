@@ -34,13 +34,12 @@ from .errors import PatchCoreError
 from .features import crop_border, patch_features
 from .images import ImagesLike, as_items, iter_loaded
 from .model import PatchCore
-from .postprocess import gaussian_kernel
-from .scoring import MemoryBank
+from .postprocess import gaussian_kernel, reflect_index
+from .runtime import EXPORT_FORMAT, EXPORT_VERSION, META_FILE, Runtime, file_sha256
+from .scoring import MemoryBank, support_order
 from .search import CellSearch
 
-EXPORT_FORMAT = "patchcore-export"
-EXPORT_VERSION = 1
-ONNX_FILE, META_FILE = "model.onnx", "patchcore.json"
+ONNX_FILE = "model.onnx"
 FEATURES_FILE, SEARCH_FILE = "features.onnx", "search.npz"
 FILES = (ONNX_FILE, META_FILE, FEATURES_FILE, SEARCH_FILE)
 OPSET = 18
@@ -54,19 +53,7 @@ def eq7_support(bank: np.ndarray, b: int) -> np.ndarray:
     mb = MemoryBank(bank, cells=1)
     b = min(b, len(mb))
     _, nn_idx = mb.search(mb.bank, b)
-    out = np.empty_like(nn_idx)
-    for i, row in enumerate(nn_idx):  # as MemoryBank.support orders them (exact duplicates included)
-        out[i] = np.concatenate([[i], row[row != i]])[:b] if i in row else np.concatenate([[i], row[:-1]])
-    return out.astype(np.int64)
-
-
-def _symmetric_index(n: int, r: int) -> torch.Tensor:
-    """Indices padding an axis of length n by r on each side as scipy's mode="reflect" (d c b a | a b c d)."""
-    i = np.arange(-r, n + r)
-    period = 2 * n
-    i = np.mod(i, period)
-    i = np.where(i >= n, period - 1 - i, i)
-    return torch.from_numpy(i.astype(np.int64))
+    return np.stack([support_order(i, row) for i, row in enumerate(nn_idx)]).astype(np.int64)
 
 
 class _Features(nn.Module):
@@ -119,8 +106,8 @@ class _Pipeline(nn.Module):
             k = gaussian_kernel(self.sigma).astype(np.float32)
             r = len(k) // 2
             self.register_buffer("kernel", torch.from_numpy(k))
-            self.register_buffer("pad_y", _symmetric_index(self.input_size[0], r))
-            self.register_buffer("pad_x", _symmetric_index(self.input_size[1], r))
+            self.register_buffer("pad_y", torch.from_numpy(reflect_index(self.input_size[0], r)))
+            self.register_buffer("pad_x", torch.from_numpy(reflect_index(self.input_size[1], r)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The (N, h, w, D) patch features of a (N, 3, h, w) input in [0, 1]."""
@@ -159,15 +146,6 @@ class _Pipeline(nn.Module):
             amap = F.conv2d(amap, self.kernel.view(1, 1, k, 1))
             amap = F.conv2d(amap, self.kernel.view(1, 1, 1, k))
         return score, amap[:, 0]
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 of a model file (the export records which file it came from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_images(size: tuple[int, int], n: int = 3, seed: int = 0) -> list[np.ndarray]:
@@ -217,8 +195,6 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
     model and by both runtime paths first; without them, generated images are used. A parity failure raises
     PatchCoreError and writes nothing. ``source`` is the model file, recorded by its SHA-256.
     """
-    from .runtime import Runtime  # the runtime reads back exactly what is written here
-
     model._require()
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -240,7 +216,7 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
         "onnx_file": ONNX_FILE, "opset": OPSET,
         "fast_path": {"features_file": FEATURES_FILE, "search_file": SEARCH_FILE, "grid": grid},
         "source_model": {"path": Path(source).name if source else None,
-                         "sha256": model_fingerprint(source) if source else None,
+                         "sha256": file_sha256(source) if source else None,
                          "backbone": model._setting("backbone"), "backbone_fingerprint": model._require().fingerprint},
         "preprocessing": {"resize": list(model.preprocessing.resize),
                           "crop": list(model.preprocessing.crop) if model.preprocessing.crop else None},
@@ -262,7 +238,7 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
         np.savez(tmp / SEARCH_FILE, **arrays)
         for key, name in (("onnx_sha256", ONNX_FILE), ("features_sha256", FEATURES_FILE),
                           ("search_sha256", SEARCH_FILE)):
-            meta[key] = model_fingerprint(tmp / name)
+            meta[key] = file_sha256(tmp / name)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         check = check_images((h, w)) if images is None else [a for _, a in iter_loaded(as_items(images))][:8]
         meta["parity"] = {}

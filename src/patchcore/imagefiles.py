@@ -93,31 +93,28 @@ def _bomb(name: str, e: Exception) -> ImageError:
     return ImageError(f"{name}: too many pixels to decode safely ({' '.join(str(e).split())})")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as H x W x 3 uint8; any failure is an ImageError naming the file."""
-    path = Path(path)
+def _read(source: Path | io.BytesIO, name: str) -> np.ndarray:
+    """Decode a file or an in-memory image as H x W x 3 uint8; any failure is an ImageError naming ``name``."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             a = _decode(img)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except Image.DecompressionBombError as e:
-        raise _bomb(str(path), e) from None
-    except _UNREADABLE as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
-    return to_rgb(a, name=str(path))
-
-
-def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode an image held in memory (an upload) as :func:`read_image` decodes a file; errors name ``name``."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            a = _decode(img)
+        raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
         raise _bomb(name, e) from None
     except _UNREADABLE as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
     return to_rgb(a, name=name)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8; any failure is an ImageError naming the file."""
+    return _read(Path(path), str(Path(path)))
+
+
+def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode an image held in memory (an upload) as :func:`read_image` decodes a file; errors name ``name``."""
+    return _read(io.BytesIO(data), name)
 
 
 def _check_size(name: str, w: int, h: int, max_pixels: int | None) -> tuple[int, int]:

@@ -31,20 +31,20 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return k / k.sum()
 
 
+def reflect_index(n: int, r: int) -> np.ndarray:
+    """Indices padding an axis of length n by r on each side as scipy's mode="reflect" (d c b a | a b c d)."""
+    i = np.mod(np.arange(-r, n + r), 2 * n)
+    return np.where(i >= n, 2 * n - 1 - i, i)
+
+
 @lru_cache(maxsize=16)
 def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
     """(n, n) float32 matrix of a 1-D Gaussian filter with scipy's "reflect" border (d c b a | a b c d)."""
     k = gaussian_kernel(sigma)
-    r = len(k) // 2
+    src = reflect_index(n, len(k) // 2)
     m = np.zeros((n, n), dtype=np.float64)
     for i in range(n):
-        for t, w in enumerate(k):
-            j = i + t - r
-            period = 2 * n
-            j = j % period
-            if j >= n:
-                j = period - 1 - j
-            m[i, j] += w
+        np.add.at(m[i], src[i:i + len(k)], k)
     return m.astype(np.float32)
 
 

@@ -55,7 +55,8 @@ def _items(images: ImageInput | Sequence[ImageInput]) -> list[tuple[str, ImageIn
     return out
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (exports record and check their files by it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,7 +99,7 @@ class Runtime:
             raise ModelFileError(f"{folder}: this export has no fast path; load it with path='graph'")
         graph = folder / (fast["features_file"] if fast else meta["onnx_file"])
         digest = meta.get("features_sha256") if fast else meta.get("onnx_sha256")
-        if not graph.is_file() or _sha256(graph) != digest:
+        if not graph.is_file() or file_sha256(graph) != digest:
             raise ModelFileError(f"{graph}: missing, or not the graph this export was written with (checksum)")
         if device not in PROVIDERS:
             raise PatchCoreError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}")
@@ -114,7 +115,7 @@ class Runtime:
         self.path = path
         if fast:
             arrays_path = folder / fast["search_file"]
-            if not arrays_path.is_file() or _sha256(arrays_path) != meta.get("search_sha256"):
+            if not arrays_path.is_file() or file_sha256(arrays_path) != meta.get("search_sha256"):
                 raise ModelFileError(f"{arrays_path}: missing, or not the one this export was written with (checksum)")
             with np.load(arrays_path, allow_pickle=False) as z:  # plain arrays only: loading runs no code
                 arrays = {k: z[k] for k in z.files}

@@ -11,6 +11,14 @@ from .postprocess import eq7_weight
 from .search import CellSearch, default_cells
 
 
+def support_order(index: int, found: np.ndarray) -> np.ndarray:
+    """N_b(m*) from the b nearest bank features of m* = ``index``: m* first, then the others in order.
+    With exact duplicates in the bank the search may not list m* itself; it is put first all the same."""
+    if index not in found:
+        return np.concatenate([[index], found[:-1]])
+    return np.concatenate([[index], found[found != index]])
+
+
 class MemoryBank:
     """Exact L2 nearest-neighbour search over the bank: faiss IndexFlatL2 for k neighbours, and the cell-pruned
     exact search of :mod:`patchcore.search` for the one nearest neighbour of every patch."""
@@ -51,11 +59,7 @@ class MemoryBank:
         found = self._support.get(key)  # a local, so a concurrent clear() cannot lose it
         if found is None:
             _, found = self.search(self.bank[index][None], b)
-            found = found[0]
-            if index not in found:  # exact duplicates in the bank: make sure m* itself leads
-                found = np.concatenate([[index], found[:-1]])
-            else:
-                found = np.concatenate([[index], found[found != index]])
+            found = support_order(index, found[0])
             if len(self._support) > 65536:
                 self._support.clear()
             self._support[key] = found
