@@ -61,8 +61,21 @@ class _FlagsWithoutType:
         return params
 
 
+def _looks_like_address(token: str) -> bool:
+    """A Ray address (ray://host:port, host:port, auto, local) rather than an image or folder given next."""
+    return token in ("auto", "local") or token.startswith("ray://") or (
+        ":" in token and not Path(token).exists() and token.rsplit(":", 1)[1].isdigit())
+
+
 class _Command(_FlagsWithoutType, TyperCommand):
-    pass
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        # `--ray [ADDRESS]`: the address is optional, which the option parser cannot express; a bare --ray
+        # (last, or followed by something that is not an address) means a local Ray.
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--ray" and (i + 1 == len(args) or not _looks_like_address(args[i + 1])):
+                args[i] = "--ray=local"
+        return super().parse_args(ctx, args)
 
 
 class _Group(_FlagsWithoutType, TyperGroup):
@@ -76,7 +89,7 @@ err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
 
 RESULT_DIRS = ("maps", "overlays", "masks")
-RESULT_FILES = ("summary.csv", "summary.json", "report.html", "results.json", "results.csv")
+RESULT_FILES = ("summary.csv", "summary.json", "report.html", "results.json", "results.csv", "progress.jsonl")
 GOOD_FOLDER_NAMES = {"good", "ok", "normal", "pass"}
 
 
@@ -505,6 +518,88 @@ def fit(
     out_console.print(t)
 
 
+# ------------------------------------------------------------------------------------------ fit-many
+@app.command("fit-many", cls=_Command)
+@_handles_errors
+def fit_many_cmd(
+    data_root: Annotated[Path, typer.Argument(metavar="DATA_ROOT", help="Folder of product folders, each with "
+                                              "its good images (train/good/, good/ or the images themselves).",
+                                              show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="MODELS_DIR", help="Folder for the models "
+                                         "(PRODUCT.safetensors each; created).", show_default=False)],
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="One Ray task per product: on a local Ray started here, or the cluster at ADDRESS (ray://host:port "
+             'or host:port). Needs pip install "patchcore[ray]". Without it products are fitted one by one.')] = None,
+    backbone: Backbone = None,
+    coreset_ratio: CoresetRatio = 0.1,
+    preset: Preset = "full",
+    image_size: ImageSize = None,
+    border_pad: BorderPad = None,
+    num_neighbors: NumNeighbors = 9,
+    sigma: Sigma = 4.0,
+    seed: Seed = 0,
+    batch_size: BatchSize = 8,
+    target_far: Annotated[float, typer.Option(help="Target false-alarm rate of every model's threshold.")] = 0.01,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing model files.")] = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Fit one model per product folder (as `patchcore fit` would, cross-fitted threshold included); report
+    every product's outcome. A product that fails does not stop the others; the exit status is 1 if any did."""
+    from .distributed import fit_many, products_of, require_ray
+
+    if ray is not None:
+        require_ray()
+    products = products_of(data_root)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"{output} exists and is not a folder")
+    if not output.parent.resolve().is_dir():
+        raise CliError(f"{output.parent}: folder does not exist")
+    if not 0.0 < target_far < 1.0:
+        raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
+    params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, "cpu",
+                           batch_size, None, border_pad)
+    params["target_far"] = target_far
+    from .model import PatchCore
+
+    PatchCore(**params)  # a bad setting fails here, once, rather than once per product
+    output.mkdir(exist_ok=True)
+    show = not (quiet or json_out)
+    if show:
+        err_console.print(f"fitting {len(products)} products" + (" on Ray" if ray else " one by one"))
+
+    def done(row: dict[str, Any]) -> None:
+        if show:
+            style = "green" if row["status"] == "ok" else "bold red"
+            err_console.print(f"  [{style}]{row['status']}[/] {escape(row['product'])} "
+                              f"({row.get('seconds', 0):.0f} s){'' if row['status'] == 'ok' else ': ' + escape(row['error'])}")
+
+    t0 = time.perf_counter()
+    rows = fit_many(data_root, output, params, use_ray=ray is not None,
+                    address=None if ray in (None, "local") else ray, overwrite=overwrite, progress=done)
+    failed = [r for r in rows if r["status"] != "ok"]
+    summary = {"data_root": str(data_root), "models_dir": str(output), "ray": ray, "n_products": len(rows),
+               "n_failed": len(failed), "seconds": time.perf_counter() - t0, "products": rows}
+    if json_out:
+        from .evaluate import jsonable
+
+        _emit_json(jsonable(summary))
+    elif not quiet:
+        t = Table(box=box.SIMPLE_HEAD)
+        for col, just in (("product", "left"), ("status", "left"), ("images", "right"), ("bank", "right"),
+                          ("threshold", "right"), ("seconds", "right"), ("model or error", "left")):
+            t.add_column(col, justify=just, overflow="fold")
+        for r in rows:
+            ok = r["status"] == "ok"
+            t.add_row(r["product"], Text(r["status"], style="green" if ok else "bold red"), str(r.get("images", "")),
+                      str(r.get("bank_size", "")), f"{r['threshold']:.4g}" if ok and r.get("threshold") else "",
+                      f"{r.get('seconds', 0):.1f}", r["model"] if ok else r["error"])
+        out_console.print(t)
+    if failed:
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------------------------------------- predict
 def _collect_images(inputs: list[Path]) -> list[Path]:
     from .images import is_image_file, list_images
@@ -570,6 +665,13 @@ def predict(
                                                           "ROC when folders name good/defective).")] = False,
     device: Device = "auto",
     batch_size: BatchSize = 8,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Score on Ray: a local one started here, or the cluster at ADDRESS (ray://host:port or host:port). "
+             "Resumable: run the same command again after a crash and only the missing images are scored. "
+             'Needs pip install "patchcore[ray]".')] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray workers (each loads the model once; default: "
+                                                        "one per CPU of the cluster).")] = None,
     skip_unreadable: SkipUnreadable = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -582,10 +684,19 @@ def predict(
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
     from .images import read_image
-    from .visualize import save_map_png, save_png
+    from .results import write_result
 
     _check_out_parent(output)
-    _check_out_dir(output, overwrite)
+    resuming = False
+    if ray is not None:
+        from .distributed import LEDGER, require_ray
+
+        require_ray()
+        if workers is not None and workers < 1:
+            raise CliError(f"--workers must be at least 1, got {workers}")
+        resuming = (output / LEDGER).is_file() and not overwrite
+    if not resuming:
+        _check_out_dir(output, overwrite)
     model = _load_model(model_path, device=device)
     model.batch_size = batch_size
     files = _collect_images(images)
@@ -597,48 +708,35 @@ def predict(
     try:
         if not skip_unreadable:
             _check_headers(files)
-        with _results_folder(output, overwrite):
-            for d in RESULT_DIRS:
-                (output / d).mkdir()
-            rows: list[dict[str, Any]] = []
-            t0 = time.perf_counter()
-            with _Progress(not (quiet or json_out)) as prog:
-                for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
-                    f, stem = by_path[pred.name]
-                    res = result_of(pred, read_image(f), thresholds)  # what `patchcore serve` answers, too
-                    amap, mask = pred.anomaly_map, res.mask
-                    row: dict[str, Any] = {"name": stem, "path": str(f), **res.summary()}
-                    if map_format in (MapFormat.npy, MapFormat.both):
-                        np.save(output / "maps" / f"{stem}.npy", amap)
-                        row["map_npy"] = f"maps/{stem}.npy"
-                    if map_format in (MapFormat.png, MapFormat.both):
-                        save_map_png(output / "maps" / f"{stem}.png", amap, pix)
-                        row["map_png"] = f"maps/{stem}.png"
-                    save_png(output / "overlays" / f"{stem}.png", res.overlay())
-                    save_png(output / "masks" / f"{stem}.png", mask)
-                    row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
-                    rows.append(row)
-            skipped = list(model.skipped_)
-            seconds = time.perf_counter() - t0
-            if not rows:
-                raise CliError("no readable images to score")
-            n_anom = sum(r["verdict"] == "anomalous" for r in rows)
-            summary = {
-                "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thr_source,
-                "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
-                "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
-                "mask": "empty for a good verdict; for an anomalous one, map >= pixel_threshold (calibrated like the "
-                        "image threshold, on good maps' maxima), and always at least the region around the map's peak",
-                "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
-                "skipped": _skipped_json(skipped), "images": rows,
-            }
-            _write_csv(output / "summary.csv", rows)
-            from .evaluate import jsonable
+        t0 = time.perf_counter()
+        if ray is not None:
+            # No clean-up on failure here: what is done stays, for the rerun to resume from.
+            from .distributed import predict_files
 
-            (output / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
-            if report:
-                _predict_report(output, model, model_path, summary, files, names, rows)
-                summary["report"] = str(output / "report.html")
+            if not resuming:
+                _prepare_out_dir(output, overwrite)
+            with _Progress(not (quiet or json_out)) as prog:
+                got = predict_files(model_path, files, names, output, threshold=threshold,
+                                    map_format=map_format.value, skip_unreadable=skip_unreadable,
+                                    address=None if ray == "local" else ray, workers=workers,
+                                    batch_size=batch_size, progress=lambda i, n: prog("scoring", i, n))
+            rows = [r for r in got if "skipped" not in r]
+            skipped = [(r["name"], r["skipped"]) for r in got if "skipped" in r]
+            summary = _finish_predict(output, model, model_path, files, names, rows, skipped, thresholds,
+                                      time.perf_counter() - t0, report)
+        else:
+            with _results_folder(output, overwrite):
+                for d in RESULT_DIRS:
+                    (output / d).mkdir()
+                rows = []
+                with _Progress(not (quiet or json_out)) as prog:
+                    for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
+                        f, stem = by_path[pred.name]
+                        rows.append(write_result(output, f, stem, pred, read_image(f), thresholds,
+                                                 map_format.value))
+                skipped = list(model.skipped_)
+                summary = _finish_predict(output, model, model_path, files, names, rows, skipped, thresholds,
+                                          time.perf_counter() - t0, report)
     except ImageError as e:
         raise _image_error_hint(e) from None
     if json_out:
@@ -647,6 +745,33 @@ def predict(
     if quiet or json_out:
         return
     _print_predictions(rows, summary, output)
+
+
+def _finish_predict(output: Path, model, model_path: Path, files: list[Path], names: list[str],
+                    rows: list[dict[str, Any]], skipped: list[tuple[str, str]], thresholds, seconds: float,
+                    report: bool) -> dict[str, Any]:
+    """summary.csv, summary.json and (with --report) report.html from the rows; the summary."""
+    if not rows:
+        raise CliError("no readable images to score")
+    thr, pix = thresholds.image, thresholds.pixel
+    n_anom = sum(r["verdict"] == "anomalous" for r in rows)
+    summary = {
+        "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thresholds.source,
+        "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
+        "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
+        "mask": "empty for a good verdict; for an anomalous one, map >= pixel_threshold (calibrated like the "
+                "image threshold, on good maps' maxima), and always at least the region around the map's peak",
+        "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
+        "skipped": _skipped_json(skipped), "images": rows,
+    }
+    _write_csv(output / "summary.csv", rows)
+    from .evaluate import jsonable
+
+    (output / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    if report:
+        _predict_report(output, model, model_path, summary, files, names, rows)
+        summary["report"] = str(output / "report.html")
+    return summary
 
 
 def _check_out_parent(output: Path) -> None:

@@ -16,13 +16,16 @@ import torch
 
 from . import __version__
 from .backbones import NORMALIZATIONS, LayerTaps, fingerprint, get_backbone, load_backbone
-from .coreset import greedy_coreset, random_projection
+from .coreset import select, shard_coresets
 from .errors import ModelFileError, NotFittedError, PatchCoreError
 from .features import crop_border, patch_features
 from .images import PRESETS, ImagesLike, Item, Preprocessing, as_items, iter_loaded
 from .scoring import MemoryBank, reweighted_score, smooth
 from .prediction import Prediction
 from .thresholds import Calibration, calibrate, calibrate_scores
+
+# Features per coreset shard; see docs/scaling.md for how it was chosen.
+SHARD_FEATURES = 32768
 
 FORMAT = "patchcore"
 FORMAT_VERSION = 2  # 2: normalization and border_pad are settings (format 1 had neither)
@@ -88,6 +91,11 @@ class PatchCore:
     target_far: the false-alarm rate on good images that the threshold is calibrated for (see thresholds).
     calibration_folds: k of the k-fold cross-fitting that gives every good image of the fit a calibration
         score (0 or 1: fit without a threshold; calibrate later with :meth:`calibrate`).
+    shard_features: most patch features whose coreset is selected in one piece. Exact greedy selection costs
+        time quadratic in the features; above this the good images are split into shards (aligned with the
+        calibration folds) whose coresets are selected separately and joined, which keeps fit time linear
+        in the number of images (docs/scaling.md). None: always one exact selection.
+    n_jobs: shards selected at a time (threads; default one per CPU).
     """
 
     def __init__(self, backbone: str | None = None, layers: tuple[str, ...] | None = None,
@@ -96,7 +104,8 @@ class PatchCore:
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, storage_dtype: str = "float32",
                  backbone_weights: str | os.PathLike | None = None, normalization: str = "auto",
-                 border_pad: int | None = None, target_far: float = 0.01, calibration_folds: int = 5) -> None:
+                 border_pad: int | None = None, target_far: float = 0.01, calibration_folds: int = 5,
+                 shard_features: int | None = SHARD_FEATURES, n_jobs: int | None = None) -> None:
         self.backbone = backbone
         self.layers = layers
         self.preset = preset
@@ -116,6 +125,8 @@ class PatchCore:
         self.border_pad = border_pad
         self.target_far = target_far
         self.calibration_folds = calibration_folds
+        self.shard_features = shard_features
+        self.n_jobs = n_jobs
         self._fitted: _Fitted | None = None
         self._net: tuple[list[tuple[LayerTaps, torch.Tensor, torch.Tensor]], str] | None = None
         self._bank: MemoryBank | None = None
@@ -129,7 +140,8 @@ class PatchCore:
         return {k: getattr(self, k) for k in (
             "backbone", "layers", "preset", "image_size", "crop_size", "target_dim", "coreset_ratio",
             "projection_dim", "num_neighbors", "sigma", "seed", "device", "batch_size", "storage_dtype",
-            "backbone_weights", "normalization", "border_pad", "target_far", "calibration_folds")}
+            "backbone_weights", "normalization", "border_pad", "target_far", "calibration_folds",
+            "shard_features", "n_jobs")}
 
     def _setting(self, name: str) -> Any:
         """A setting a preset can choose: the constructor's value, or the preset's where that is None."""
@@ -154,6 +166,10 @@ class PatchCore:
         if int(self.calibration_folds) < 0:
             raise PatchCoreError(f"calibration_folds must be 0 or more (below 2: no calibration in fit), "
                                  f"got {self.calibration_folds}")
+        if self.shard_features is not None and int(self.shard_features) < 1:
+            raise PatchCoreError(f"shard_features must be at least 1 (or None), got {self.shard_features}")
+        if self.n_jobs is not None and int(self.n_jobs) < 1:
+            raise PatchCoreError(f"n_jobs must be at least 1 (or None), got {self.n_jobs}")
         for name in ("target_dim", "projection_dim", "num_neighbors", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise PatchCoreError(f"{name} must be at least 1")
@@ -286,17 +302,28 @@ class PatchCore:
         feats, sizes = self._extract(items, skip_unreadable, progress)
         t1 = time.perf_counter()
         n_img, h, w, d = feats.shape
-        bank = self._select(feats.reshape(-1, d), progress, "coreset")
+        folds = min(int(self.calibration_folds), n_img)
+        shards = self.plan_shards(n_img, h * w)
+        flat = feats.reshape(-1, d)
+        rows = [torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel()) for imgs, _ in shards]
+        parts = [flat] if len(shards) == 1 else [flat.index_select(0, r) for r in rows]
+        picks = [r[p] for r, p in zip(rows, self._select_shards(parts, progress))]
+        del parts
+        bank = flat.index_select(0, torch.cat(picks)).float().numpy()
         t2 = time.perf_counter()
         self._fitted = _Fitted(bank=bank, fingerprint=self._network()[1], info={
             "n_images": n_img, "n_features": n_img * h * w, "bank_size": int(bank.shape[0]),
-            "feature_dim": int(d), "grid": [h, w], "extract_seconds": t1 - t0,
+            "feature_dim": int(d), "grid": [h, w], "extract_seconds": t1 - t0, "shards": len(shards),
             "coreset_seconds": t2 - t1, "fit_seconds": t2 - t0, "skipped": len(self.skipped_)})
         self._bank = None
         self.threshold_, self.calibration_ = None, {}
-        folds = min(int(self.calibration_folds), n_img)
         if folds >= 2:
-            scores, maxima = self._cross_fit(feats, sizes, folds, progress)
+            if len(shards) > 1:  # each fold's bank: the other folds' shard coresets, already selected
+                fold_banks = [flat.index_select(0, torch.cat([p for p, (_, f) in zip(picks, shards) if f != j]))
+                              .float().numpy() for j in range(folds)]
+            else:
+                fold_banks = None
+            scores, maxima = self._cross_fit(feats, sizes, folds, progress, fold_banks)
             cal = calibrate_scores(scores, self.target_far, map_maxima=maxima,
                                    source=f"{folds}-fold cross-fit on the {n_img} fitted images")
             cal.extra.update(folds=folds)
@@ -304,6 +331,21 @@ class PatchCore:
             self._fitted.info["calibration_seconds"] = time.perf_counter() - t2
             self._fitted.info["fit_seconds"] = time.perf_counter() - t0
         return self
+
+    def plan_shards(self, n_images: int, per_image: int) -> list[tuple[np.ndarray, int]]:
+        """How ``fit`` splits ``n_images`` good images of ``per_image`` patch features each for the coreset:
+        (image indices, calibration fold) per shard. One shard (fold -1) when they fit in ``shard_features``;
+        otherwise each calibration fold (drawn by seed, as the cross-fit draws them) is cut into equal shards,
+        so a fold's calibration bank is the other folds' shard coresets."""
+        limit = self.shard_features
+        if limit is None or n_images * per_image <= int(limit):
+            return [(np.arange(n_images), -1)]
+        folds = min(int(self.calibration_folds), n_images)
+        folds = folds if folds >= 2 else 1
+        per_fold = -(-n_images * per_image // (int(limit) * folds))  # shards per fold
+        order = np.random.default_rng(self.seed).permutation(n_images)
+        return [(np.sort(part), j) for j, held in enumerate(np.array_split(order, folds))
+                for part in np.array_split(held, min(per_fold, len(held)))]
 
     def _extract(self, items: list[Item], skip_unreadable: bool, progress: Progress | None
                  ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -319,31 +361,36 @@ class PatchCore:
             raise PatchCoreError("no readable good images to fit on")
         return torch.cat(chunks), sizes
 
-    def _select(self, features: torch.Tensor, progress: Progress | None, stage: str) -> np.ndarray:
-        """The memory bank chosen from (P, D) features: the greedy coreset of ``coreset_ratio`` of them."""
-        n_total = features.shape[0]
-        n_keep = n_total if self.coreset_ratio >= 1.0 else max(1, int(n_total * self.coreset_ratio))
+    def _select_shards(self, shards: list[torch.Tensor], progress: Progress | None) -> list[torch.Tensor]:
+        """Each shard's coreset (indices into the shard), ``coreset_ratio`` of its features."""
+        total = sum(len(x) for x in shards)
+        n_keep = total if self.coreset_ratio >= 1.0 else sum(max(1, int(len(x) * self.coreset_ratio))
+                                                             for x in shards)
         if n_keep < self.num_neighbors:
             raise PatchCoreError(
                 f"the coreset would hold {n_keep} features, fewer than num_neighbors={self.num_neighbors}: "
                 f"use more good images or a larger coreset_ratio")
-        if n_keep < n_total:
-            z = random_projection(features, self.projection_dim, self.seed)
-            idx = greedy_coreset(z, n_keep, seed=self.seed,
-                                 progress=(lambda i, n: progress(stage, i, n)) if progress else None)
-            del z
-            features = features.index_select(0, idx)
-        return features.float().numpy()
+        if len(shards) == 1:
+            return [select(shards[0], self.coreset_ratio, self.projection_dim, self.seed,
+                           progress=(lambda i, n: progress("coreset", i, n)) if progress else None)]
+        return shard_coresets(shards, self.coreset_ratio, self.projection_dim, self.seed, self.n_jobs,
+                              progress=(lambda i, n: progress("coreset", i, n)) if progress else None)
 
     def _cross_fit(self, feats: torch.Tensor, sizes: list[tuple[int, int]], folds: int,
-                   progress: Progress | None) -> tuple[list[float], list[float]]:
-        """Each image's score and map maximum from a bank selected without its fold (folds drawn by seed)."""
+                   progress: Progress | None, fold_banks: list[np.ndarray] | None = None
+                   ) -> tuple[list[float], list[float]]:
+        """Each image's score and map maximum from a bank selected without its fold (folds drawn by seed);
+        ``fold_banks``: those banks, when sharding has already selected them."""
         n_img = feats.shape[0]
         order = np.random.default_rng(self.seed).permutation(n_img)
         scores, maxima = [0.0] * n_img, [0.0] * n_img
         for j, held in enumerate(np.array_split(order, folds)):
-            rest = torch.from_numpy(np.setdiff1d(np.arange(n_img), held))
-            bank = MemoryBank(self._select(feats.index_select(0, rest).reshape(-1, feats.shape[-1]), None, ""))
+            if fold_banks is not None:
+                bank = MemoryBank(fold_banks[j])
+            else:
+                rest = torch.from_numpy(np.setdiff1d(np.arange(n_img), held))
+                fx = feats.index_select(0, rest).reshape(-1, feats.shape[-1])
+                bank = MemoryBank(fx.index_select(0, self._select_shards([fx], None)[0]).float().numpy())
             for i, (score, amap) in zip(held, self._score(bank, feats[torch.from_numpy(held)].float(),
                                                           [sizes[i] for i in held])):
                 scores[i], maxima[i] = score, float(amap.max())

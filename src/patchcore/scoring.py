@@ -27,13 +27,15 @@ class MemoryBank:
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.index = faiss.IndexFlatL2(self.bank.shape[1])
         self.index.add(self.bank)
-        n_cells = cells or default_cells(len(self.bank))
-        self._cells = CellSearch(self.bank, n_cells) if n_cells > 1 else None
+        # Even a one-cell bank searches with CellSearch: it computes each winner's distance directly, so a
+        # patch's distance does not depend on which other images shared its batch (a BLAS product's
+        # rounding does), and a pool of workers writes the same maps as one process.
+        self._cells = CellSearch(self.bank, cells or default_cells(len(self.bank)))
         self._support: dict[tuple[int, int], np.ndarray] = {}
 
     def cells(self) -> CellSearch:
         """The cell-pruned search over this bank (one cell for a small bank: then it is brute force)."""
-        return self._cells if self._cells is not None else CellSearch(self.bank, 1)
+        return self._cells
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -46,9 +48,6 @@ class MemoryBank:
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distance and index of each query's nearest bank feature, shape (Q,): the same answer as
         ``search(queries, 1)`` (up to float rounding), comparing each query with a fraction of the bank."""
-        if self._cells is None:
-            d, i = self.search(queries, 1)
-            return d[:, 0], i[:, 0]
         d, i, _ = self._cells.nearest(queries)
         return d, i
 

@@ -1,0 +1,290 @@
+"""Past one machine with Ray: score image archives with a pool of workers, fit many products at once.
+
+Ray is an optional extra (``pip install "patchcore[ray]"``). Without an address a local Ray is started on
+this machine and stopped afterwards; with one (``ray://host:10001`` or ``host:6379``) the work joins that
+cluster, whose nodes must see the same files (model, images, output folder) at the same paths.
+
+- :func:`predict_files`: Ray Data over the file list, ``map_batches`` with a pool of actors that each load the
+  model once and write each image's files (:mod:`patchcore.results`) as single-process ``predict`` does. The
+  driver appends every finished row to ``OUTPUT/progress.jsonl`` as it arrives; a rerun after a crash reads it
+  and scores only what is missing.
+- :func:`fit_many`: one Ray task per product folder, its memory request estimated from its image count; every
+  product's outcome is reported and one failure does not stop the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PatchCoreError
+
+LEDGER = "progress.jsonl"
+INSTALL_HINT = 'Ray is not installed: pip install "patchcore[ray]"'
+
+
+def require_ray():
+    """The ray module, or a one-line error that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the extra brings Ray Data; a bare `pip install ray` does not)
+    except ImportError:
+        raise PatchCoreError(INSTALL_HINT) from None
+    return ray
+
+
+@contextlib.contextmanager
+def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """Connected Ray: a local one started here (and stopped on exit) without ``address``, else that cluster."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise PatchCoreError(f"cannot reach Ray at {address}: {str(e).splitlines()[0]}" if address
+                             else f"cannot start a local Ray: {str(e).splitlines()[0]}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- batch scoring
+class _Scorer:
+    """Ray Data actor: loads the model once, then scores batches of files and writes their results."""
+
+    def __init__(self, model_path: str, output: str, threshold: float | None, map_format: str,
+                 skip_unreadable: bool) -> None:
+        import torch
+
+        from .inference import load_model, thresholds_in_force
+
+        torch.set_num_threads(1)  # one actor per CPU: more threads per actor only contend
+        self.model = load_model(model_path, device="cpu")
+        self.thresholds = thresholds_in_force(self.model, threshold, "--threshold", model_name=model_path)
+        self.model.threshold_ = self.thresholds.image
+        self.output, self.map_format, self.skip = Path(output), map_format, skip_unreadable
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .errors import ImageError
+        from .images import read_image
+        from .results import write_result
+
+        rows = []
+        for path, name in zip(batch["path"], batch["name"]):
+            try:
+                image = read_image(path)
+            except ImageError as e:
+                if not self.skip:
+                    raise
+                rows.append({"name": str(name), "path": str(path), "skipped": str(e)})
+                continue
+            (pred,) = self.model.predict([image])
+            rows.append(write_result(self.output, path, str(name), pred, image, self.thresholds, self.map_format))
+        return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+def run_key(model_path: str | os.PathLike, threshold: float | None, map_format: str) -> dict[str, Any]:
+    """What must match for a rerun to continue an interrupted run's results rather than mix in others."""
+    from .runtime import file_sha256
+
+    return {"model_sha256": file_sha256(Path(model_path)), "threshold": threshold, "map_format": map_format}
+
+
+def read_ledger(output: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The run key and the finished rows (by name) of ``OUTPUT/progress.jsonl``; a torn last line (a crash
+    mid-write) is ignored, so that image is simply scored again."""
+    path = output / LEDGER
+    if not path.is_file():
+        return None, {}
+    key, rows = None, {}
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if i == 0:
+                key = obj.get("run")
+            elif isinstance(obj, dict) and "name" in obj:
+                rows[obj["name"]] = obj
+    return key, rows
+
+
+def predict_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLike], names: Sequence[str],
+                  output: str | os.PathLike, *, threshold: float | None = None, map_format: str = "both",
+                  skip_unreadable: bool = False, address: str | None = None, workers: int | None = None,
+                  batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Score ``files`` on Ray and write their results under ``output`` (named ``names``), resuming an
+    interrupted run of the same model and options found there. Returns the rows in ``files`` order
+    (unreadable images, with ``skip_unreadable``, as rows holding a "skipped" reason)."""
+    from .results import RESULT_DIRS
+
+    output = Path(output)
+    key = run_key(model_path, threshold, map_format)
+    old_key, done = read_ledger(output)
+    if old_key is not None and old_key != key:
+        raise PatchCoreError(f"{output} holds results of another model or other options; choose another "
+                             f"folder or pass --overwrite")
+    output.mkdir(parents=True, exist_ok=True)
+    for d in RESULT_DIRS:
+        (output / d).mkdir(exist_ok=True)
+    todo = [(str(f), n) for f, n in zip(files, names) if n not in done]
+    if progress:
+        progress(len(files) - len(todo), len(files))
+    if todo:
+        with cluster(address, workers) as ray:
+            n_workers = max(1, min(workers or int(ray.cluster_resources().get("CPU", 1)), len(todo)))
+            ds = ray.data.from_items([{"path": f, "name": n} for f, n in todo])
+            ds = ds.map_batches(_Scorer, fn_constructor_args=(str(model_path), str(output), threshold, map_format,
+                                                              skip_unreadable),
+                                batch_size=batch_size, concurrency=n_workers, num_cpus=1)
+            new = old_key is None
+            with open(output / LEDGER, "a", encoding="utf-8") as fh:
+                if new:
+                    fh.write(json.dumps({"run": key}) + "\n")
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for line in batch["row"]:
+                        row = json.loads(line)
+                        done[row["name"]] = row
+                        fh.write(line + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    if progress:
+                        progress(len(done), len(files))
+    return [done[n] for n in names if n in done]
+
+
+# --------------------------------------------------------------------------------------- many products
+def products_of(root: str | os.PathLike) -> list[Path]:
+    """The product folders of ``root``: its subfolders that hold good images (train/good, good/ or images)."""
+    from .images import list_images
+
+    root = Path(root)
+    if not root.is_dir():
+        raise PatchCoreError(f"{root}: no such folder")
+    found = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and good_images(p)]
+    if not found:
+        raise PatchCoreError(f"{root}: no product folders (subfolders with train/good/, good/ or images)")
+    return found
+
+
+def good_images(product: Path) -> list[Path]:
+    """A product's good images: train/good/ (MVTec), good/, or the images in the folder itself."""
+    from .images import list_images
+
+    for sub in ("train/good", "good"):
+        if (product / sub).is_dir():
+            return list_images(product / sub)
+    return list_images(product)
+
+
+def fit_product(product: str | os.PathLike, output: str | os.PathLike, params: dict[str, Any],
+                overwrite: bool = False) -> dict[str, Any]:
+    """Fit one product's model and save it; the outcome as a row (never raises for the product's own faults)."""
+    from .model import PatchCore
+
+    product, output = Path(product), Path(output)
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"product": product.name, "model": str(output)}
+    try:
+        goods = good_images(product)
+        row["images"] = len(goods)
+        if not goods:
+            raise PatchCoreError(f"{product}: holds no good images")
+        if output.exists() and not overwrite:
+            raise PatchCoreError(f"{output} already exists (pass --overwrite to replace it)")
+        model = PatchCore(**params).fit(goods)
+        model.save(output, overwrite=overwrite)
+        info = model.fit_info_
+        row.update(status="ok", bank_size=info["bank_size"], threshold=model.threshold_)
+    except Exception as e:  # one product's failure is its row, not the run's end
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        row.update(status="failed", error=msg if isinstance(e, PatchCoreError) else f"{type(e).__name__}: {msg}")
+        if not isinstance(e, PatchCoreError):
+            row["traceback"] = traceback.format_exc(limit=-3)
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def fit_memory(params: dict[str, Any], n_images: int) -> int:
+    """Bytes a fit of ``n_images`` needs, for Ray's scheduler: the patch features held while fitting (as
+    float32, twice for the shards' copies), plus the network and interpreter (~1.5 GB measured)."""
+    from .model import PatchCore
+
+    model = PatchCore(**params)
+    h, w = model.preprocessing.input_size
+    per_image = (h // 8) * (w // 8) * feature_width(model)
+    return int(2 * 4 * per_image * n_images + 1.5e9)
+
+
+def feature_width(model) -> int:
+    """Width of the model's patch features (one forward pass on a blank image)."""
+    import torch
+
+    members, _ = model._network()
+    with torch.inference_mode():
+        x = torch.zeros(1, 3, 64, 64)
+        from .features import patch_features
+
+        return sum(int(patch_features(list(taps(x)), model.target_dim).shape[-1]) for taps, _, _ in members)
+
+
+def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dict[str, Any], *,
+             use_ray: bool = False, address: str | None = None, overwrite: bool = False,
+             progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Fit a model per product folder of ``root`` into ``models_dir``/PRODUCT.safetensors; with ``use_ray``
+    one Ray task per product (each asks for one CPU and its estimated memory). Returns the outcomes in
+    product order; ``progress`` gets each outcome as it finishes."""
+    products = products_of(root)
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise PatchCoreError(f"{models_dir}: no such folder")
+    outs = {p.name: models_dir / f"{p.name}.safetensors" for p in products}
+    results: dict[str, dict[str, Any]] = {}
+    if not use_ray:
+        for p in products:
+            results[p.name] = fit_product(p, outs[p.name], params, overwrite)
+            if progress:
+                progress(results[p.name])
+    else:
+        with cluster(address) as ray:
+            per_image = fit_memory(params, 1) - int(1.5e9)
+            task = ray.remote(num_cpus=1)(_fit_task)
+            refs = {task.options(memory=per_image * len(good_images(p)) + int(1.5e9),
+                                 name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite): p.name
+                    for p in products}
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                name = refs[ready[0]]
+                try:
+                    results[name] = ray.get(ready[0])
+                except Exception as e:  # the worker died (out of memory, node lost): that product failed
+                    results[name] = {"product": name, "model": str(outs[name]), "status": "failed",
+                                     "error": f"Ray task failed: {str(e).splitlines()[0]}"}
+                if progress:
+                    progress(results[name])
+    return [results[p.name] for p in products]
+
+
+def _fit_task(product: str, output: str, params: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # Ray gave this task one CPU
+    return fit_product(product, output, {**params, "n_jobs": 1}, overwrite)

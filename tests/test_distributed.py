@@ -1,0 +1,136 @@
+"""Ray: batch scoring equals the single-process path and resumes after an interruption; fit-many equals single
+fits and survives a failing product. Each test starts (and stops) its own local Ray with 2 CPUs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import link_images
+
+ray = pytest.importorskip("ray", reason='needs the ray extra: pip install "patchcore[ray]"')
+
+from patchcore import PatchCore  # noqa: E402
+from patchcore.distributed import LEDGER, fit_many, predict_files, read_ledger  # noqa: E402
+
+
+def _cli(*args: str, threads: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.run([sys.executable, "-m", "patchcore", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def test_images(bottle, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ray_images")
+    link_images(bottle / "test" / "good", root / "good", ["000.png", "001.png", "002.png", "003.png"])
+    link_images(bottle / "test" / "broken_large", root / "broken_large", ["000.png", "001.png", "002.png"])
+    link_images(bottle / "test" / "contamination", root / "contamination", ["000.png", "001.png", "002.png"])
+    return root
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_ray_predict_writes_exactly_what_one_process_writes(small_model, test_images, tmp_path):
+    one, on_ray, default = tmp_path / "one", tmp_path / "ray", tmp_path / "default"
+    # Ray gives each worker one CPU, hence one torch thread; the forward pass's float rounding depends on the
+    # thread count (features differ by ~1e-5), so the byte-for-byte reference is one process on one thread.
+    r = _cli("predict", str(small_model), str(test_images), "-o", str(one), "-q", threads=1)
+    assert r.returncode == 0, r.stderr
+    r = _cli("predict", str(small_model), str(test_images), "-o", str(on_ray), "--workers", "2", "--batch-size",
+             "3", "--json", "--ray")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n_images"] == 10
+    a, b = json.loads((one / "summary.json").read_text()), json.loads((on_ray / "summary.json").read_text())
+    assert a["images"] == b["images"]  # every score, verdict and file name, in input order
+    assert (on_ray / "summary.csv").read_text() == (one / "summary.csv").read_text()
+    for f in _files(one / "maps") + _files(one / "masks") + _files(one / "overlays"):
+        assert f.read_bytes() == (on_ray / f.relative_to(one)).read_bytes(), f
+    # ... and on the default threads it agrees to float rounding, with the same verdicts.
+    r = _cli("predict", str(small_model), str(test_images), "-o", str(default), "-q")
+    assert r.returncode == 0, r.stderr
+    c = json.loads((default / "summary.json").read_text())["images"]
+    assert [x["verdict"] for x in c] == [x["verdict"] for x in b["images"]]
+    np.testing.assert_allclose([x["score"] for x in c], [x["score"] for x in b["images"]], rtol=1e-5)
+
+
+def test_interrupted_ray_predict_resumes_where_it_stopped(small_model, test_images, tmp_path):
+    files = sorted(p for p in test_images.rglob("*.png"))
+    names = [f"{p.parent.name}__{p.stem}" for p in files]
+    out = tmp_path / "out"
+    seen: list[int] = []
+
+    def stop_after_first_batch(done: int, total: int) -> None:
+        seen.append(done)
+        if done > 0:
+            raise KeyboardInterrupt  # what Ctrl-C or a crash of the driver does mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(small_model, files, names, out, batch_size=2, workers=2, progress=stop_after_first_batch)
+    key, done = read_ledger(out)
+    assert key is not None and 0 < len(done) < len(files)
+    stamps = {n: (out / "maps" / f"{n}.npy").stat().st_mtime_ns for n in done}
+    with open(out / LEDGER, "a") as fh:
+        fh.write('{"name": "torn li')  # a crash mid-write leaves half a line: it must be ignored
+    first = len(done)
+    progress: list[int] = []
+    rows = predict_files(small_model, files, names, out, batch_size=2, workers=2,
+                         progress=lambda d, t: progress.append(d))
+    assert progress[0] == first  # the rerun starts from what was finished ...
+    assert [r["name"] for r in rows] == names
+    for n in stamps:  # ... and does not score those again
+        assert (out / "maps" / f"{n}.npy").stat().st_mtime_ns == stamps[n]
+    fresh = predict_files(small_model, files, names, tmp_path / "fresh", batch_size=5, workers=2)
+    assert [r["score"] for r in rows] == [r["score"] for r in fresh]
+    # A folder holding another model's run is refused rather than mixed.
+    with pytest.raises(Exception, match="another model or other options"):
+        predict_files(small_model, files, names, out, threshold=1.0)
+
+
+def test_fit_many_on_ray_equals_single_fits_and_survives_a_bad_product(bottle, tmp_path):
+    screw = bottle.parent / "screw"
+    if not (screw / "train" / "good").is_dir():
+        pytest.skip("MVTec AD screw not found")
+    root = tmp_path / "products"
+    picks = {"bottle": bottle, "screw": screw}
+    for name, src in picks.items():
+        link_images(src / "train" / "good", root / name / "train" / "good",
+                    sorted(p.name for p in (src / "train" / "good").iterdir())[::25][:10])
+    (root / "broken").mkdir()
+    (root / "broken" / "000.png").write_bytes(b"not a png")
+    params = {"coreset_ratio": 0.05, "calibration_folds": 3, "target_far": 0.1, "device": "cpu"}
+    models = tmp_path / "models"
+    models.mkdir()
+    reports: list[dict] = []
+    rows = fit_many(root, models, params, use_ray=True, progress=reports.append)
+    assert [r["product"] for r in rows] == ["bottle", "broken", "screw"]
+    assert {r["product"] for r in reports} == {"bottle", "broken", "screw"}
+    status = {r["product"]: r for r in rows}
+    assert status["broken"]["status"] == "failed" and "000.png" in status["broken"]["error"]
+    for name in picks:
+        assert status[name]["status"] == "ok", status[name]
+        got = PatchCore.load(models / f"{name}.safetensors", device="cpu")
+        ref = PatchCore(**params).fit(sorted((root / name / "train" / "good").iterdir()))
+        assert got.memory_bank_.shape == ref.memory_bank_.shape
+        # One torch thread per Ray task: features agree to float rounding, not bit for bit.
+        np.testing.assert_allclose(got.memory_bank_, ref.memory_bank_, atol=1e-3)
+        assert got.threshold_ == pytest.approx(ref.threshold_, rel=1e-4)
+
+
+def test_without_ray_the_cli_says_how_to_install_it(small_model, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from patchcore.entry import main; sys.argv = ['patchcore'] + "
+            "sys.argv[1:]; main()")
+    for args in (["predict", str(small_model), str(tmp_path), "-o", str(tmp_path / "o"), "--ray"],
+                 ["fit-many", str(tmp_path), "-o", str(tmp_path / "m"), "--ray"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1
+        assert 'pip install "patchcore[ray]"' in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) <= 3
