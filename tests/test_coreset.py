@@ -26,11 +26,12 @@ def clustered(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 @settings(max_examples=25, deadline=None)
-@given(n_points=st.integers(20, 3000), frac=st.floats(0.01, 0.5), seed=st.integers(0, 10_000))
-def test_same_selection_as_the_plain_loop(n_points, frac, seed):
+@given(n_points=st.integers(20, 3000), frac=st.floats(0.01, 0.5), seed=st.integers(0, 10_000),
+       method=st.sampled_from(["plain", "pruned"]))
+def test_same_selection_as_the_plain_loop(n_points, frac, seed, method):
     z = clustered(n_points, 16, seed)
     n = max(1, int(n_points * frac))
-    got = greedy_coreset(z, n, seed=seed).tolist()
+    got = greedy_coreset(z, n, seed=seed, method=method).tolist()
     ref = naive_greedy(z, n, start=got[0])
     # Same points in the same order; with float ties a swap could happen, so compare the radius too.
     assert got == ref or coverage_radius(z, torch.tensor(got)) == pytest.approx(
@@ -67,3 +68,49 @@ def test_projection_is_seeded_and_keeps_narrow_features():
     d0 = torch.pdist(x[:100])
     d1 = torch.pdist(p[:100])
     assert float((d1 / d0).mean()) == pytest.approx(1.0, abs=0.05)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_images=st.integers(2, 400), per_image=st.sampled_from([64, 1024]), limit=st.integers(500, 100_000),
+       folds=st.integers(0, 6), seed=st.integers(0, 100))
+def test_shards_partition_the_images_within_calibration_folds(n_images, per_image, limit, folds, seed):
+    import numpy as np
+
+    from patchcore import PatchCore
+
+    m = PatchCore(shard_features=limit, calibration_folds=folds, seed=seed)
+    shards = m.plan_shards(n_images, per_image)
+    got = np.sort(np.concatenate([imgs for imgs, _ in shards]))
+    assert np.array_equal(got, np.arange(n_images))  # every image in exactly one shard
+    if n_images * per_image <= limit:
+        assert len(shards) == 1 and shards[0][1] == -1
+        return
+    f = min(folds, n_images) if min(folds, n_images) >= 2 else 1
+    # A shard lies inside one calibration fold: the fold the cross-fit holds its images out in.
+    order = np.random.default_rng(seed).permutation(n_images)
+    fold_of = np.empty(n_images, int)
+    for j, held in enumerate(np.array_split(order, f)):
+        fold_of[held] = j
+    for imgs, fold in shards:
+        assert len(imgs) and set(fold_of[imgs]) == {fold}
+        # about the limit's worth of images (rounding to whole images and equal shards within a fold)
+        assert len(imgs) <= -(-limit // per_image) + f + 1
+
+
+def test_sharded_selection_is_each_shards_own_selection():
+    from patchcore.coreset import select, shard_coresets
+
+    z = clustered(12_000, 32, 5)
+    parts = [z[:5000], z[5000:9000], z[9000:]]
+    got = shard_coresets(parts, 0.05, dim=16, seed=3, n_jobs=2)
+    for i, (p, g) in enumerate(zip(parts, got)):
+        assert torch.equal(g, select(p, 0.05, dim=16, seed=3 + i))
+        assert len(g) == int(len(p) * 0.05)
+    assert torch.equal(torch.cat(shard_coresets(parts, 0.05, 16, 3, n_jobs=1)), torch.cat(got))
+
+
+def test_plain_and_pruned_loops_agree():
+    z = clustered(6000, 16, 11)
+    a = greedy_coreset(z, 400, seed=2, method="plain")
+    b = greedy_coreset(z, 400, seed=2, method="pruned")
+    assert a.tolist() == b.tolist() or coverage_radius(z, a) == pytest.approx(coverage_radius(z, b), rel=1e-5)

@@ -134,3 +134,35 @@ def test_without_ray_the_cli_says_how_to_install_it(small_model, tmp_path):
         assert r.returncode == 1
         assert 'pip install "patchcore[ray]"' in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) <= 3
+
+
+def test_large_product_fit_on_ray_equals_the_local_sharded_fit(bottle):
+    from patchcore.distributed import fit_on_ray
+
+    good = sorted((bottle / "train" / "good").iterdir())[:30]
+    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 1024, "device": "cpu"}
+    local = PatchCore(**params).fit(good)
+    remote = fit_on_ray(good, params)
+    assert local.fit_info_["shards"] == remote.fit_info_["shards"] == 6  # 3 folds of 2 shards
+    assert remote.memory_bank_.shape == local.memory_bank_.shape
+    np.testing.assert_allclose(remote.memory_bank_, local.memory_bank_, atol=1e-3)
+    assert remote.threshold_ == pytest.approx(local.threshold_, rel=1e-4)
+    assert remote.calibration_["n"] == local.calibration_["n"] == 30
+
+
+def test_fit_many_cli_reports_every_product_and_fails_if_one_did(bottle, tmp_path):
+    root = tmp_path / "products"
+    for name in ("cap_a", "cap_b"):
+        link_images(bottle / "train" / "good", root / name / "good",
+                    sorted(p.name for p in (bottle / "train" / "good").iterdir())[:6])
+    (root / "cap_c").mkdir()
+    (root / "cap_c" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    r = _cli("fit-many", str(root), "-o", str(tmp_path / "models"), "--coreset-ratio", "0.05", "--json")
+    assert r.returncode == 1, r.stderr
+    got = json.loads(r.stdout)
+    assert [p["status"] for p in got["products"]] == ["ok", "ok", "failed"]
+    assert (tmp_path / "models" / "cap_a.safetensors").is_file() and not (tmp_path / "models" / "cap_c.safetensors").exists()
+    # a rerun refuses to replace the models, per product, and says so
+    r = _cli("fit-many", str(root), "-o", str(tmp_path / "models"), "--coreset-ratio", "0.05", "--json")
+    assert [p["status"] for p in json.loads(r.stdout)["products"]] == ["failed"] * 3
+    assert "already exists" in json.loads(r.stdout)["products"][0]["error"]

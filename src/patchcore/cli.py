@@ -410,6 +410,11 @@ def fit(
     device: Device = "auto",
     batch_size: BatchSize = 8,
     backbone_weights: BackboneWeights = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Spread a large product's coreset shards over Ray workers (each extracts and selects one): a "
+             'local Ray, or the cluster at ADDRESS. Same model as without it. Needs pip install "patchcore[ray]".'
+    )] = None,
     skip_unreadable: SkipUnreadable = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -420,6 +425,10 @@ def fit(
     from .model import PatchCore
 
     _check_model_target(output, overwrite)
+    if ray is not None:
+        from .distributed import require_ray
+
+        require_ray()
     goods, layout = good_images_of(data)
     val_imgs = None
     if validation is not None:
@@ -455,7 +464,14 @@ def fit(
     t0 = time.perf_counter()
     try:
         with _Progress(not (quiet or json_out)) as prog:
-            model.fit(goods, skip_unreadable=skip_unreadable, progress=prog)
+            if ray is not None:
+                from .distributed import fit_on_ray
+
+                if skip_unreadable:
+                    raise CliError("--skip-unreadable does not work with --ray; leave the unreadable images out")
+                model = fit_on_ray(goods, params, address=None if ray == "local" else ray, progress=prog)
+            else:
+                model.fit(goods, skip_unreadable=skip_unreadable, progress=prog)
             skipped = list(model.skipped_)
             prog.stage("calibrating")
             cal = model.calibrate(val_imgs, target_far=target_far, method=threshold_method.value,

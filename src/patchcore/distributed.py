@@ -288,3 +288,97 @@ def _fit_task(product: str, output: str, params: dict[str, Any], overwrite: bool
 
     torch.set_num_threads(1)  # Ray gave this task one CPU
     return fit_product(product, output, {**params, "n_jobs": 1}, overwrite)
+
+
+# ------------------------------------------------------------------------------------ one large product
+class _ShardWorker:
+    """Ray actor holding one coreset shard: extracts its images' patch features once, selects the shard's
+    coreset, then scores its images (all of one calibration fold) against that fold's bank."""
+
+    def __init__(self, params: dict[str, Any], paths: list[str]) -> None:
+        import torch
+
+        from .images import as_items
+        from .model import PatchCore
+
+        torch.set_num_threads(1)
+        self.model = PatchCore(**{**params, "n_jobs": 1})
+        self.model.skipped_ = []
+        self.feats, self.sizes = self.model._extract(as_items(paths), False, None)
+
+    def select(self, index: int) -> np.ndarray:
+        """This shard's coreset features, selected as :func:`patchcore.coreset.shard_coresets` selects shard
+        ``index`` (seeded ``seed + index``)."""
+        from .coreset import select
+
+        m = self.model
+        flat = self.feats.reshape(-1, self.feats.shape[-1])
+        picks = select(flat, m.coreset_ratio, m.projection_dim, seed=m.seed + index)
+        return flat.index_select(0, picks).float().numpy()
+
+    def score(self, bank: np.ndarray, positions: list[int]) -> tuple[list[float], list[float]]:
+        """Scores and map maxima of this shard's images at ``positions`` against ``bank``."""
+        import torch
+
+        from .scoring import MemoryBank
+
+        if not positions:
+            return [], []
+        feats = self.feats[torch.tensor(positions)].float()
+        out = list(self.model._score(MemoryBank(bank), feats, [self.sizes[i] for i in positions]))
+        return [s for s, _ in out], [float(a.max()) for _, a in out]
+
+
+def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, address: str | None = None,
+               progress: Callable[[str, int, int], None] | None = None):
+    """``PatchCore(**params).fit(images)`` with its coreset shards spread over Ray workers: each worker extracts
+    and selects one shard (the same shards and seeds as a local fit), then scores its images for the
+    cross-fitted calibration. A product that fits in one shard is fitted here, as a local fit would."""
+    from .images import as_items
+    from .model import PatchCore
+
+    paths = [str(p) for p in images]
+    model = PatchCore(**params)
+    model._check_params()
+    model.skipped_ = []
+    probe, _ = model._extract(as_items(paths[:1]), False, None)  # every image gives the same grid
+    _, h, w, d = probe.shape
+    shards = model.plan_shards(len(paths), h * w)
+    if len(shards) == 1:
+        return model.fit(paths, progress=progress)
+    folds = min(int(model.calibration_folds), len(paths))
+    t0 = time.perf_counter()
+    per_shard = int(2 * 4 * h * w * d * max(len(i) for i, _ in shards) + 1.5e9)
+    with cluster(address) as ray:
+        worker = ray.remote(num_cpus=1)(_ShardWorker)
+        actors = [worker.options(memory=per_shard).remote(params, [paths[i] for i in imgs]) for imgs, _ in shards]
+        refs = [a.select.remote(i) for i, a in enumerate(actors)]
+        picked = []
+        for i, ref in enumerate(refs):
+            picked.append(ray.get(ref))
+            if progress:
+                progress("coreset", i + 1, len(refs))
+        bank = np.concatenate(picked)
+        t2 = time.perf_counter()
+        cross = None
+        if folds >= 2:
+            fold_banks = [ray.put(np.concatenate([p for p, (_, f) in zip(picked, shards) if f != j]))
+                          for j in range(folds)]
+            # The images the local cross-fit scores, in its order (model._cross_fit): a prefix of each fold.
+            n_img = len(paths)
+            cap = n_img if model.calibration_max_images is None else min(n_img, int(model.calibration_max_images))
+            order = np.random.default_rng(model.seed).permutation(n_img)
+            wanted = [i for held in np.array_split(order, folds) for i in held[:max(1, round(len(held) * cap / n_img))]]
+            chosen = set(int(i) for i in wanted)
+            asks = [[k for k, i in enumerate(imgs) if int(i) in chosen] for imgs, _ in shards]
+            got = ray.get([a.score.remote(fold_banks[f], pos) for a, (_, f), pos in zip(actors, shards, asks)])
+            by_image = {int(imgs[k]): (s, m) for (imgs, _), pos, (ss, mm) in zip(shards, asks, got)
+                        for k, s, m in zip(pos, ss, mm)}
+            cross = ([by_image[int(i)][0] for i in wanted], [by_image[int(i)][1] for i in wanted])
+        for a in actors:
+            ray.kill(a)
+    # Extraction ran on the workers, inside coreset_seconds.
+    return model._assemble(bank, {
+        "n_images": len(paths), "n_features": len(paths) * h * w, "feature_dim": int(d), "grid": [h, w],
+        "extract_seconds": 0.0, "shards": len(shards), "coreset_seconds": t2 - t0, "skipped": 0,
+        "ray": True}, cross, folds, t0, t2)

@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,10 @@ class PatchCore:
         time quadratic in the features; above this the good images are split into shards (aligned with the
         calibration folds) whose coresets are selected separately and joined, which keeps fit time linear
         in the number of images (docs/scaling.md). None: always one exact selection.
-    n_jobs: shards selected at a time (threads; default one per CPU).
+    n_jobs: shards selected, and calibration folds scored, at a time (threads; default one per CPU).
+    calibration_max_images: most good images the cross-fit scores (drawn evenly from the folds; None: all).
+        Scoring an image costs time in proportion to the bank, which grows with the images, so scoring all
+        of them would make fit time quadratic; 256 scores still resolve a 1 % false-alarm rate (99 needed).
     """
 
     def __init__(self, backbone: str | None = None, layers: tuple[str, ...] | None = None,
@@ -105,7 +109,8 @@ class PatchCore:
                  batch_size: int = 8, storage_dtype: str = "float32",
                  backbone_weights: str | os.PathLike | None = None, normalization: str = "auto",
                  border_pad: int | None = None, target_far: float = 0.01, calibration_folds: int = 5,
-                 shard_features: int | None = SHARD_FEATURES, n_jobs: int | None = None) -> None:
+                 shard_features: int | None = SHARD_FEATURES, n_jobs: int | None = None,
+                 calibration_max_images: int | None = 256) -> None:
         self.backbone = backbone
         self.layers = layers
         self.preset = preset
@@ -127,6 +132,7 @@ class PatchCore:
         self.calibration_folds = calibration_folds
         self.shard_features = shard_features
         self.n_jobs = n_jobs
+        self.calibration_max_images = calibration_max_images
         self._fitted: _Fitted | None = None
         self._net: tuple[list[tuple[LayerTaps, torch.Tensor, torch.Tensor]], str] | None = None
         self._bank: MemoryBank | None = None
@@ -141,7 +147,7 @@ class PatchCore:
             "backbone", "layers", "preset", "image_size", "crop_size", "target_dim", "coreset_ratio",
             "projection_dim", "num_neighbors", "sigma", "seed", "device", "batch_size", "storage_dtype",
             "backbone_weights", "normalization", "border_pad", "target_far", "calibration_folds",
-            "shard_features", "n_jobs")}
+            "shard_features", "n_jobs", "calibration_max_images")}
 
     def _setting(self, name: str) -> Any:
         """A setting a preset can choose: the constructor's value, or the preset's where that is None."""
@@ -168,6 +174,9 @@ class PatchCore:
                                  f"got {self.calibration_folds}")
         if self.shard_features is not None and int(self.shard_features) < 1:
             raise PatchCoreError(f"shard_features must be at least 1 (or None), got {self.shard_features}")
+        if self.calibration_max_images is not None and int(self.calibration_max_images) < 2:
+            raise PatchCoreError(f"calibration_max_images must be at least 2 (or None), got "
+                                 f"{self.calibration_max_images}")
         if self.n_jobs is not None and int(self.n_jobs) < 1:
             raise PatchCoreError(f"n_jobs must be at least 1 (or None), got {self.n_jobs}")
         for name in ("target_dim", "projection_dim", "num_neighbors", "batch_size"):
@@ -311,21 +320,32 @@ class PatchCore:
         del parts
         bank = flat.index_select(0, torch.cat(picks)).float().numpy()
         t2 = time.perf_counter()
-        self._fitted = _Fitted(bank=bank, fingerprint=self._network()[1], info={
-            "n_images": n_img, "n_features": n_img * h * w, "bank_size": int(bank.shape[0]),
-            "feature_dim": int(d), "grid": [h, w], "extract_seconds": t1 - t0, "shards": len(shards),
-            "coreset_seconds": t2 - t1, "fit_seconds": t2 - t0, "skipped": len(self.skipped_)})
-        self._bank = None
-        self.threshold_, self.calibration_ = None, {}
+        cross = None
         if folds >= 2:
             if len(shards) > 1:  # each fold's bank: the other folds' shard coresets, already selected
                 fold_banks = [flat.index_select(0, torch.cat([p for p, (_, f) in zip(picks, shards) if f != j]))
                               .float().numpy() for j in range(folds)]
             else:
                 fold_banks = None
-            scores, maxima = self._cross_fit(feats, sizes, folds, progress, fold_banks)
+            cross = self._cross_fit(feats, sizes, folds, progress, fold_banks)
+        return self._assemble(bank, {
+            "n_images": n_img, "n_features": n_img * h * w, "feature_dim": int(d), "grid": [h, w],
+            "extract_seconds": t1 - t0, "shards": len(shards), "coreset_seconds": t2 - t1,
+            "skipped": len(self.skipped_)}, cross, folds, t0, t2)
+
+    def _assemble(self, bank: np.ndarray, info: dict[str, Any], cross: tuple[list[float], list[float]] | None,
+                  folds: int, t0: float, t2: float) -> PatchCore:
+        """Set the fitted state from the bank and, when cross-fitted, the calibration scores (also used by
+        :func:`patchcore.distributed.fit_on_ray`, which computes both on workers)."""
+        self._fitted = _Fitted(bank=bank, fingerprint=self._network()[1], info={
+            **info, "bank_size": int(bank.shape[0]), "fit_seconds": t2 - t0})
+        self._bank = None
+        self.threshold_, self.calibration_ = None, {}
+        if cross is not None:
+            scores, maxima = cross
             cal = calibrate_scores(scores, self.target_far, map_maxima=maxima,
-                                   source=f"{folds}-fold cross-fit on the {n_img} fitted images")
+                                   source=f"{folds}-fold cross-fit on {len(scores)} of the {info['n_images']} "
+                                          f"fitted images")
             cal.extra.update(folds=folds)
             cal.apply(self)
             self._fitted.info["calibration_seconds"] = time.perf_counter() - t2
@@ -379,24 +399,40 @@ class PatchCore:
     def _cross_fit(self, feats: torch.Tensor, sizes: list[tuple[int, int]], folds: int,
                    progress: Progress | None, fold_banks: list[np.ndarray] | None = None
                    ) -> tuple[list[float], list[float]]:
-        """Each image's score and map maximum from a bank selected without its fold (folds drawn by seed);
-        ``fold_banks``: those banks, when sharding has already selected them."""
+        """Scores and map maxima of (at most ``calibration_max_images``, drawn evenly from the folds) images,
+        each from a bank selected without its fold (folds drawn by seed); ``fold_banks``: those banks, when
+        sharding has already selected them. Folds are scored ``n_jobs`` at a time."""
         n_img = feats.shape[0]
         order = np.random.default_rng(self.seed).permutation(n_img)
-        scores, maxima = [0.0] * n_img, [0.0] * n_img
-        for j, held in enumerate(np.array_split(order, folds)):
+        cap = n_img if self.calibration_max_images is None else min(n_img, int(self.calibration_max_images))
+        splits = np.array_split(order, folds)
+        done = [0]
+
+        def one(j: int) -> list[tuple[float, float]]:
+            held = splits[j]
             if fold_banks is not None:
                 bank = MemoryBank(fold_banks[j])
             else:
                 rest = torch.from_numpy(np.setdiff1d(np.arange(n_img), held))
                 fx = feats.index_select(0, rest).reshape(-1, feats.shape[-1])
                 bank = MemoryBank(fx.index_select(0, self._select_shards([fx], None)[0]).float().numpy())
-            for i, (score, amap) in zip(held, self._score(bank, feats[torch.from_numpy(held)].float(),
-                                                          [sizes[i] for i in held])):
-                scores[i], maxima[i] = score, float(amap.max())
+            # The scored images: a prefix of the fold in its random order, the same share of every fold.
+            scored = held[:max(1, round(len(held) * cap / n_img))]
+            out = [(score, float(amap.max())) for score, amap in self._score(
+                bank, feats[torch.from_numpy(scored)].float(), [sizes[i] for i in scored])]
+            done[0] += 1
             if progress:
-                progress("calibration", j + 1, folds)
-        return scores, maxima
+                progress("calibration", done[0], folds)
+            return out
+
+        jobs = max(1, min(folds, self.n_jobs or os.cpu_count() or 1))
+        if jobs == 1 or fold_banks is None:  # unsharded folds select coresets, which use every core already
+            results = [one(j) for j in range(folds)]
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                results = list(pool.map(one, range(folds)))
+        pairs = [pair for fold in results for pair in fold]
+        return [a for a, _ in pairs], [b for _, b in pairs]
 
     def _score(self, bank: MemoryBank, feats: torch.Tensor, sizes: list[tuple[int, int]]
                ) -> Iterator[tuple[float, np.ndarray]]:
