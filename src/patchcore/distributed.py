@@ -292,48 +292,52 @@ def _fit_task(product: str, output: str, params: dict[str, Any], overwrite: bool
 
 # ------------------------------------------------------------------------------------ one large product
 class _ShardWorker:
-    """Ray actor holding one coreset shard: extracts its images' patch features once, selects the shard's
-    coreset, then scores its images (all of one calibration fold) against that fold's bank."""
+    """Ray actor for coreset shards: extracts each given shard's patch features once and keeps them, selects the
+    shard's coreset, then scores its images (all of one calibration fold) against that fold's bank. A fixed
+    pool of these (one per CPU) takes the shards in turn, so no shard waits for a CPU an idle actor holds."""
 
-    def __init__(self, params: dict[str, Any], paths: list[str]) -> None:
+    def __init__(self, params: dict[str, Any]) -> None:
         import torch
 
-        from .images import as_items
         from .model import PatchCore
 
         torch.set_num_threads(1)
         self.model = PatchCore(**{**params, "n_jobs": 1})
         self.model.skipped_ = []
-        self.feats, self.sizes = self.model._extract(as_items(paths), False, None)
+        self.shards: dict[int, tuple[Any, list]] = {}
 
-    def select(self, index: int) -> np.ndarray:
-        """This shard's coreset features, selected as :func:`patchcore.coreset.shard_coresets` selects shard
-        ``index`` (seeded ``seed + index``)."""
+    def select(self, index: int, paths: list[str]) -> np.ndarray:
+        """Shard ``index``'s coreset features, selected as :func:`patchcore.coreset.shard_coresets` selects
+        shard ``index`` (seeded ``seed + index``)."""
         from .coreset import select
+        from .images import as_items
 
         m = self.model
-        flat = self.feats.reshape(-1, self.feats.shape[-1])
+        feats, sizes = m._extract(as_items(paths), False, None)
+        self.shards[index] = (feats, sizes)
+        flat = feats.reshape(-1, feats.shape[-1])
         picks = select(flat, m.coreset_ratio, m.projection_dim, seed=m.seed + index)
         return flat.index_select(0, picks).float().numpy()
 
-    def score(self, bank: np.ndarray, positions: list[int]) -> tuple[list[float], list[float]]:
-        """Scores and map maxima of this shard's images at ``positions`` against ``bank``."""
+    def score(self, index: int, bank: np.ndarray, positions: list[int]) -> tuple[list[float], list[float]]:
+        """Scores and map maxima of shard ``index``'s images at ``positions`` against ``bank``."""
         import torch
 
         from .scoring import MemoryBank
 
         if not positions:
             return [], []
-        feats = self.feats[torch.tensor(positions)].float()
-        out = list(self.model._score(MemoryBank(bank), feats, [self.sizes[i] for i in positions]))
+        feats, sizes = self.shards[index]
+        out = list(self.model._score(MemoryBank(bank), feats[torch.tensor(positions)].float(),
+                                     [sizes[i] for i in positions]))
         return [s for s, _ in out], [float(a.max()) for _, a in out]
 
 
 def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, address: str | None = None,
-               progress: Callable[[str, int, int], None] | None = None):
-    """``PatchCore(**params).fit(images)`` with its coreset shards spread over Ray workers: each worker extracts
-    and selects one shard (the same shards and seeds as a local fit), then scores its images for the
-    cross-fitted calibration. A product that fits in one shard is fitted here, as a local fit would."""
+               workers: int | None = None, progress: Callable[[str, int, int], None] | None = None):
+    """``PatchCore(**params).fit(images)`` with its coreset shards spread over ``workers`` Ray actors (default:
+    one per CPU of the cluster): each extracts and selects its shards (the same shards and seeds as a local
+    fit), then scores their images for the cross-fitted calibration. A product that fits in one shard is fitted here, as a local fit would."""
     from .images import as_items
     from .model import PatchCore
 
@@ -350,9 +354,12 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     t0 = time.perf_counter()
     per_shard = int(2 * 4 * h * w * d * max(len(i) for i, _ in shards) + 1.5e9)
     with cluster(address) as ray:
+        n_workers = max(1, min(len(shards), workers or int(ray.cluster_resources().get("CPU", 1))))
         worker = ray.remote(num_cpus=1)(_ShardWorker)
-        actors = [worker.options(memory=per_shard).remote(params, [paths[i] for i in imgs]) for imgs, _ in shards]
-        refs = [a.select.remote(i) for i, a in enumerate(actors)]
+        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers)).remote(params)
+                for _ in range(n_workers)]
+        actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
+        refs = [a.select.remote(i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
         picked = []
         for i, ref in enumerate(refs):
             picked.append(ray.get(ref))
@@ -371,11 +378,12 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
             wanted = [i for held in np.array_split(order, folds) for i in held[:max(1, round(len(held) * cap / n_img))]]
             chosen = set(int(i) for i in wanted)
             asks = [[k for k, i in enumerate(imgs) if int(i) in chosen] for imgs, _ in shards]
-            got = ray.get([a.score.remote(fold_banks[f], pos) for a, (_, f), pos in zip(actors, shards, asks)])
+            got = ray.get([a.score.remote(i, fold_banks[f], pos)
+                           for i, (a, (_, f), pos) in enumerate(zip(actors, shards, asks))])
             by_image = {int(imgs[k]): (s, m) for (imgs, _), pos, (ss, mm) in zip(shards, asks, got)
                         for k, s, m in zip(pos, ss, mm)}
             cross = ([by_image[int(i)][0] for i in wanted], [by_image[int(i)][1] for i in wanted])
-        for a in actors:
+        for a in pool:
             ray.kill(a)
     # Extraction ran on the workers, inside coreset_seconds.
     return model._assemble(bank, {
