@@ -39,7 +39,9 @@ def test_bottle_reaches_the_paper_level(bottle, fitted):
     assert image_auroc(labels, [p.score for p in preds]) >= 0.99
     assert pixel_auroc(masks, [p.anomaly_map for p in preds]) >= 0.95
     info = model.fit_info_
-    assert info["n_images"] == 209 and info["bank_size"] == int(info["n_features"] * 0.1)
+    # 10 % of each coreset shard (each rounds down), so 10 % of the whole to within one feature a shard
+    assert info["n_images"] == 209 and info["shards"] > 1
+    assert 0 <= int(info["n_features"] * 0.1) - info["bank_size"] <= info["shards"]
 
 
 def test_maps_cover_the_whole_image_at_its_own_size(fitted, tmp_path):
@@ -185,9 +187,11 @@ def test_a_format_1_model_still_scores_exactly_as_it_did(tmp_path):
     model = PatchCore.load(FIXTURES / "legacy_v1.safetensors")
     assert model.normalization == "imagenet" and model.border_pad == 0
     preds = model.predict([disc / name for name in ref["images"]])
-    assert [p.score for p in preds] == pytest.approx(ref["scores"], rel=1e-6)
-    assert [float(p.anomaly_map.max()) for p in preds] == pytest.approx(ref["map_max"], rel=1e-6)
-    assert [float(p.anomaly_map.mean()) for p in preds] == pytest.approx(ref["map_mean"], rel=1e-6)
+    # To 1e-5: the nearest distance is now computed directly rather than by faiss's |a|^2 + |b|^2 - 2ab
+    # expansion in float32, which moved these scores by up to 1.6e-6 relative.
+    assert [p.score for p in preds] == pytest.approx(ref["scores"], rel=1e-5)
+    assert [float(p.anomaly_map.max()) for p in preds] == pytest.approx(ref["map_max"], rel=1e-5)
+    assert [float(p.anomaly_map.mean()) for p in preds] == pytest.approx(ref["map_mean"], rel=1e-5)
 
 
 def _with_metadata(src: Path, dst: Path, change) -> Path:
