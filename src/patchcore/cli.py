@@ -37,7 +37,8 @@ from . import __version__
 from .errors import ImageError, PatchCoreError
 from .inference import THRESHOLD_OVERRIDDEN, check_headers, describe_threshold, load_model  # noqa: F401
 from .inference import percent as _percent
-from .inference import result_of, thresholds_in_force
+from .inference import thresholds_in_force
+from .results import RESULT_DIRS
 
 APP_HELP = (
     "PatchCore visual anomaly detection from the shell.\n\n"
@@ -88,7 +89,6 @@ app = typer.Typer(help=APP_HELP, no_args_is_help=True, add_completion=False, pre
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
 
-RESULT_DIRS = ("maps", "overlays", "masks")
 RESULT_FILES = ("summary.csv", "summary.json", "report.html", "results.json", "results.csv", "progress.jsonl")
 GOOD_FOLDER_NAMES = {"good", "ok", "normal", "pass"}
 

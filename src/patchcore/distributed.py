@@ -372,10 +372,7 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
             fold_banks = [ray.put(np.concatenate([p for p, (_, f) in zip(picked, shards) if f != j]))
                           for j in range(folds)]
             # The images the local cross-fit scores, in its order (model._cross_fit): a prefix of each fold.
-            n_img = len(paths)
-            cap = n_img if model.calibration_max_images is None else min(n_img, int(model.calibration_max_images))
-            order = np.random.default_rng(model.seed).permutation(n_img)
-            wanted = [i for held in np.array_split(order, folds) for i in held[:max(1, round(len(held) * cap / n_img))]]
+            wanted = [i for scored in model.calibration_split(len(paths), folds)[1] for i in scored]
             chosen = set(int(i) for i in wanted)
             asks = [[k for k, i in enumerate(imgs) if int(i) in chosen] for imgs, _ in shards]
             got = ray.get([a.score.remote(i, fold_banks[f], pos)

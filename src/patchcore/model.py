@@ -403,21 +403,17 @@ class PatchCore:
         each from a bank selected without its fold (folds drawn by seed); ``fold_banks``: those banks, when
         sharding has already selected them. Folds are scored ``n_jobs`` at a time."""
         n_img = feats.shape[0]
-        order = np.random.default_rng(self.seed).permutation(n_img)
-        cap = n_img if self.calibration_max_images is None else min(n_img, int(self.calibration_max_images))
-        splits = np.array_split(order, folds)
+        splits, scored_of = self.calibration_split(n_img, folds)
         done = [0]
 
         def one(j: int) -> list[tuple[float, float]]:
-            held = splits[j]
+            held, scored = splits[j], scored_of[j]
             if fold_banks is not None:
                 bank = MemoryBank(fold_banks[j])
             else:
                 rest = torch.from_numpy(np.setdiff1d(np.arange(n_img), held))
                 fx = feats.index_select(0, rest).reshape(-1, feats.shape[-1])
                 bank = MemoryBank(fx.index_select(0, self._select_shards([fx], None)[0]).float().numpy())
-            # The scored images: a prefix of the fold in its random order, the same share of every fold.
-            scored = held[:max(1, round(len(held) * cap / n_img))]
             out = [(score, float(amap.max())) for score, amap in self._score(
                 bank, feats[torch.from_numpy(scored)].float(), [sizes[i] for i in scored])]
             done[0] += 1
@@ -433,6 +429,14 @@ class PatchCore:
                 results = list(pool.map(one, range(folds)))
         pairs = [pair for fold in results for pair in fold]
         return [a for a, _ in pairs], [b for _, b in pairs]
+
+    def calibration_split(self, n_images: int, folds: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The cross-fit's folds (drawn by seed) and, per fold, the images it scores: a prefix of the fold in
+        its random order, the same share of every fold, at most ``calibration_max_images`` in all."""
+        order = np.random.default_rng(self.seed).permutation(n_images)
+        cap = n_images if self.calibration_max_images is None else min(n_images, int(self.calibration_max_images))
+        splits = np.array_split(order, folds)
+        return splits, [held[:max(1, round(len(held) * cap / n_images))] for held in splits]
 
     def _score(self, bank: MemoryBank, feats: torch.Tensor, sizes: list[tuple[int, int]]
                ) -> Iterator[tuple[float, np.ndarray]]:
