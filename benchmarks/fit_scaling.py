@@ -4,7 +4,8 @@ A product of N good images is made from a shared category by the 8 flips and qua
 (screw lies at any angle anyway, so these are plausible parts). Each fit runs in its own process, so its peak
 memory is its own. Prints a table and one JSON line per measurement (for docs/scaling.md):
 
-    python benchmarks/fit_scaling.py --sizes 200 400 800 1600                  # default (sharded) fit
+    python benchmarks/fit_scaling.py --sizes 200 400 800 1600                  # default fit (k-means cells)
+    python benchmarks/fit_scaling.py --sizes 800 --shard-by images             # shards of whole images (Ray's)
     python benchmarks/fit_scaling.py --sizes 200 400 --exact                   # the exact greedy, for comparison
     python benchmarks/fit_scaling.py --ray-predict 64 --ray-fit-many           # Ray: 1 vs 2 workers
 
@@ -43,18 +44,21 @@ def product(category: str, n: int) -> np.ndarray:
     return np.stack(out)
 
 
-def fit_once(category: str, n: int, exact: bool, evaluate: bool) -> dict:
+def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str = "features",
+             shard_features: int | None = None) -> dict:
     """One fit of an n-image product (in this process): times, bank, peak memory, and optionally AUROCs."""
     from patchcore import PatchCore
     from patchcore.coreset import coverage_radius, random_projection
 
     imgs = product(category, n)
-    model = PatchCore(device="cpu", **({"shard_features": None} if exact else {}))
+    given = {"shard_features": None} if exact else {} if shard_features is None else {"shard_features": shard_features}
+    model = PatchCore(device="cpu", shard_by=shard_by, **given)
     t0 = time.perf_counter()
     model.fit(imgs)
     wall = time.perf_counter() - t0
     info = model.fit_info_
-    row = {"category": category, "images": n, "exact": exact, "features": info["n_features"],
+    row = {"category": category, "images": n, "exact": exact, "shard_by": shard_by,
+           "shard_features": model.shard_features, "features": info["n_features"],
            "shards": info["shards"], "bank": info["bank_size"], "extract_s": round(info["extract_seconds"], 1),
            "coreset_s": round(info["coreset_seconds"], 1),
            "calibration_s": round(info.get("calibration_seconds", 0.0), 1), "fit_s": round(wall, 1),
@@ -142,17 +146,23 @@ def main() -> None:
     ap.add_argument("--category", default="screw")
     ap.add_argument("--sizes", type=int, nargs="*", default=[])
     ap.add_argument("--exact", action="store_true", help="fit with one exact greedy selection (no shards)")
+    ap.add_argument("--shard-by", default="features", choices=["features", "images"],
+                    help="how a large selection is split (PatchCore's shard_by)")
+    ap.add_argument("--shard-features", type=int, default=None, help="PatchCore's shard_features (default: its default)")
     ap.add_argument("--evaluate", action="store_true", help="also coverage radius and AUROCs on the test set")
     ap.add_argument("--ray-predict", type=int, default=0, metavar="N", help="score N images on Ray, 1 vs 2 workers")
     ap.add_argument("--ray-fit-many", action="store_true", help="fit-many bottle+screw on Ray, 1 vs 2 CPUs")
     ap.add_argument("--one", nargs=2, metavar=("N", "EXACT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process: one fit, one JSON line
-        print(json.dumps(fit_once(args.category, int(args.one[0]), args.one[1] == "1", args.evaluate)), flush=True)
+        print(json.dumps(fit_once(args.category, int(args.one[0]), args.one[1] == "1", args.evaluate,
+                                  args.shard_by, args.shard_features)), flush=True)
         return
     rows = []
     for n in args.sizes:
-        cmd = [sys.executable, __file__, "--category", args.category, "--one", str(n), "1" if args.exact else "0"]
+        cmd = [sys.executable, __file__, "--category", args.category, "--one", str(n), "1" if args.exact else "0",
+               "--shard-by", args.shard_by] + ([] if args.shard_features is None else
+                                                ["--shard-features", str(args.shard_features)])
         out = subprocess.run(cmd + (["--evaluate"] if args.evaluate else []), capture_output=True, text=True,
                              check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -147,8 +147,9 @@ def test_large_product_fit_on_ray_equals_the_local_sharded_fit(bottle):
 
     good = sorted((bottle / "train" / "good").iterdir())[:30]
     params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 1024, "device": "cpu"}
-    local = PatchCore(**params).fit(good)
-    remote = fit_on_ray(good, params)
+    local = PatchCore(**params, shard_by="images").fit(good)
+    remote = fit_on_ray(good, params)  # shards of whole images: the split that composes across machines
+    assert remote.shard_by == remote.fit_info_["shard_by"] == "images"
     assert local.fit_info_["shards"] == remote.fit_info_["shards"] == 6  # 3 folds of 2 shards
     assert_same_bank(remote.memory_bank_, local.memory_bank_)
     assert remote.threshold_ == pytest.approx(local.threshold_, rel=1e-3)

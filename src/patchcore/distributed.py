@@ -337,11 +337,15 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
                workers: int | None = None, progress: Callable[[str, int, int], None] | None = None):
     """``PatchCore(**params).fit(images)`` with its coreset shards spread over ``workers`` Ray actors (default:
     one per CPU of the cluster): each extracts and selects its shards (the same shards and seeds as a local
-    fit), then scores their images for the cross-fitted calibration. A product that fits in one shard is fitted here, as a local fit would."""
+    fit with ``shard_by="images"``), then scores their images for the cross-fitted calibration. The returned
+    model records ``shard_by="images"``: k-means cells of the feature space (the local default) would need
+    every image's features on one machine. A product that fits in one shard is fitted here, as a local fit
+    would."""
     from .images import as_items
     from .model import PatchCore
 
     paths = [str(p) for p in images]
+    params = {**params, "shard_by": "images"}  # cells of the feature space need every feature in one place
     model = PatchCore(**params)
     model._check_params()
     model.skipped_ = []
