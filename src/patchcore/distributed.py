@@ -389,5 +389,5 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     # Extraction ran on the workers, inside coreset_seconds.
     return model._assemble(bank, {
         "n_images": len(paths), "n_features": len(paths) * h * w, "feature_dim": int(d), "grid": [h, w],
-        "extract_seconds": 0.0, "shards": len(shards), "coreset_seconds": t2 - t0, "skipped": 0,
+        "extract_seconds": 0.0, "shards": len(shards), "shard_by": "images", "coreset_seconds": t2 - t0, "skipped": 0,
         "ray": True}, cross, folds, t0, t2)
