@@ -11,6 +11,7 @@ import pytest
 from conftest import link_images
 from PIL import Image
 from scipy.stats import binom
+from patchcore.prediction import mask_level
 from typer.testing import CliRunner
 
 from patchcore.cli import app
@@ -122,7 +123,11 @@ def test_predict_writes_everything_per_image(predicted):
         assert overlay.size == (r["width"], r["height"]) and overlay.mode == "RGB"
         assert png16.dtype == np.uint16 or Image.open(out / r["map_png"]).mode.startswith("I")
         assert set(np.unique(mask)) <= {0, 255}
-        assert ((mask > 0) == (amap >= summary["pixel_threshold"])).all()
+        # the mask follows the verdict (prediction.mask_level): nothing for a good image; at least the pixel
+        # threshold's region, and the region around the peak, for an anomalous one
+        level = mask_level(amap, r["score"], summary["threshold"], summary["pixel_threshold"])
+        assert ((mask > 0) == (amap >= level)).all()
+        assert r["verdict"] == "good" or ((mask > 0) >= (amap >= summary["pixel_threshold"])).all()
         # 16-bit PNG scale as documented in the summary
         back = png16.astype(np.float64) / 65535 * 2 * summary["pixel_threshold"]
         np.testing.assert_allclose(np.minimum(amap, 2 * summary["pixel_threshold"]), back,

@@ -146,7 +146,8 @@ def test_large_product_fit_on_ray_equals_the_local_sharded_fit(bottle):
     from patchcore.distributed import fit_on_ray
 
     good = sorted((bottle / "train" / "good").iterdir())[:30]
-    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 1024, "device": "cpu"}
+    # 6 images a shard: 36 x 36 patch features each at the default 288 px
+    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 36 * 36, "device": "cpu"}
     local = PatchCore(**params, shard_by="images").fit(good)
     remote = fit_on_ray(good, params)  # shards of whole images: the split that composes across machines
     assert remote.shard_by == remote.fit_info_["shard_by"] == "images"

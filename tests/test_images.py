@@ -90,7 +90,7 @@ def test_preprocessing_resize_crop_and_back():
     img[:, 200:] = 255
     full = PRESETS["full"]
     x = full([img])
-    assert x.shape == (1, 3, 256, 256) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (1, 3, 288, 288) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     paper = PRESETS["paper"]
     assert paper([img]).shape == (1, 3, 224, 224)
     assert paper.crop_box() == (16, 16, 224, 224)
@@ -99,7 +99,7 @@ def test_preprocessing_resize_crop_and_back():
     assert m.shape == (300, 400)
     rows, cols = paper.region((300, 400))
     assert m[0, 0] == 5 and (rows.start, rows.stop) == (19, 281) and (cols.start, cols.stop) == (25, 375)
-    assert full.to_image(torch.zeros(256, 256), (300, 400)).shape == (300, 400)
+    assert full.to_image(torch.zeros(288, 288), (300, 400)).shape == (300, 400)
     assert Preprocessing(resize=(128, 96)).input_size == (128, 96)
 
 

@@ -64,7 +64,7 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     loaded = PatchCore.load(path)
     assert loaded.get_params() | {"device": "auto"} == model.get_params() | {  # the preset's choices, written out
         "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16,
-        "normalization": "tf"}
+        "normalization": "tf", "image_size": model.preprocessing.resize[0]}
     some = [s.path for s in bottle.test[::10]]
     again, same = loaded.predict(some), model.predict(some)
     for p, q, r in zip(preds[::10], again, same):
@@ -207,7 +207,8 @@ def _with_metadata(src: Path, dst: Path, change) -> Path:
 def test_a_model_this_version_would_preprocess_differently_is_refused(tmp_path):
     src = FIXTURES / "legacy_v1.safetensors"
 
-    def bigger(meta):
+    def bigger(meta):  # the file's parameters say 256 px, its preprocessing 320
+        meta["params"] = json.dumps({**json.loads(meta["params"]), "image_size": 256})
         meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), "resize": [320, 320]})
 
     def unknown_stats(meta):
@@ -216,6 +217,9 @@ def test_a_model_this_version_would_preprocess_differently_is_refused(tmp_path):
     for change in (bigger, unknown_stats):
         with pytest.raises(ModelFileError, match="refit"):
             PatchCore.load(_with_metadata(src, tmp_path / f"{change.__name__}.safetensors", change))
+    # A file that does not name its size (as every file did while "full" meant 256 px) takes the size its
+    # preprocessing records, whatever the preset's size is today.
+    assert PatchCore.load(src).preprocessing.resize == (256, 256) != PatchCore().preprocessing.resize
 
 
 def test_normalisation_and_padding_are_saved_and_restored(bottle, tmp_path):

@@ -347,13 +347,13 @@ Backbone = Annotated[Optional[str], typer.Option(help="Feature extractor: effici
                                                       "preset's.")]
 CoresetRatio = Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank (0-1]; "
                                                   "smaller is faster, 0.01-0.1 is typical.")]
-Preset = Annotated[str, typer.Option(help="'full' scores the whole image resized to 256; 'accurate' spends "
+Preset = Annotated[str, typer.Option(help="'full' scores the whole image resized to 288; 'accurate' spends "
                                           "more time per image on small defects; 'paper' resizes to 256 and "
                                           "centre-crops 224 (borders unseen), as the paper's table was made.")]
 BorderPad = Annotated[Optional[int], typer.Option(help="Pixels of reflection padding around the network input "
                                                        "(multiple of 16; 0 = none; default: the preset's).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Side the image is resized to (overrides the preset's "
-                                                       "256); larger sees smaller defects, slower.")]
+                                                       "288 for full); larger sees smaller defects, slower.")]
 NumNeighbors = Annotated[int, typer.Option(help="b of the paper's Eq. 7 score reweighting (1 turns it off).")]
 Sigma = Annotated[float, typer.Option(help="Gaussian smoothing of the anomaly map, in network-input pixels.")]
 Seed = Annotated[int, typer.Option(help="Seed of the coreset and of the calibration folds (same seed, same model).")]

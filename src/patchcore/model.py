@@ -72,7 +72,7 @@ class PatchCore:
         ``wide_resnet50_2`` is the paper's and downloads torchvision's weights on first use), or several
         joined by "+", whose patch features are concatenated (an ensemble); default: the preset's.
     layers: module names to tap; default: the backbone's two (stride 8 and 16, the paper's layer 2 + 3).
-    preset: ``"full"`` scores the whole image resized to 256 (default, nothing at the border is lost);
+    preset: ``"full"`` scores the whole image resized to 288 (default, nothing at the border is lost);
         ``"accurate"`` spends more time per image for accuracy on small defects (docs/benchmarks.md);
         ``"paper"`` resizes to 256 and centre-crops 224 without border padding, as the paper's table was made.
     image_size: side the image is resized to (overrides the preset's); crop_size: side of the centre crop.
@@ -612,6 +612,12 @@ class PatchCore:
         # What the preset chose is written out, so the file scores the same whatever presets become.
         params["backbone"], params["border_pad"] = self._setting("backbone"), int(self._setting("border_pad"))
         params["normalization"] = self.normalization_name
+        # The sizes too, so a file keeps its preprocessing when a preset's sizes change (as "full" did:
+        # 256 -> 288 px).
+        pre = self.preprocessing
+        params["image_size"] = pre.resize[0] if pre.resize[0] == pre.resize[1] else params["image_size"]
+        if pre.crop is not None and pre.crop[0] == pre.crop[1]:
+            params["crop_size"] = pre.crop[0]
         mean, std = self._input_stats()
         meta = {
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "patchcore_version": __version__,
@@ -679,6 +685,11 @@ class PatchCore:
                 (k for k, (m, s) in NORMALIZATIONS.items() if _same(m, prep.get("mean")) and _same(s, prep.get("std"))),
                 "unknown"))
         params["layers"] = None if params.get("layers") is None else tuple(params["layers"])
+        # Files written before the sizes were recorded (preset "full" was 256 px then) take theirs from the
+        # preprocessing they record, so they score exactly as before.
+        for key, size in (("image_size", prep.get("resize")), ("crop_size", prep.get("crop"))):
+            if params.get(key) is None and isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+                params[key] = int(size[0])
         params["device"] = device
         if backbone_weights is not None:
             params["backbone_weights"] = backbone_weights
