@@ -222,27 +222,28 @@ def fit_product(product: str | os.PathLike, output: str | os.PathLike, params: d
     return row
 
 
-def fit_memory(params: dict[str, Any], n_images: int) -> int:
-    """Bytes a fit of ``n_images`` needs, for Ray's scheduler: the patch features held while fitting (as
-    float32, twice for the shards' copies), plus the network and interpreter (~1.5 GB measured)."""
+PROCESS_BYTES = int(1.5e9)  # a fitting process before its features: interpreter, torch, network (measured)
+
+
+def fit_memory(n_images: int, patches_per_image: int, width: int) -> int:
+    """Bytes, for Ray's scheduler, that a process fitting on ``n_images`` needs: their patch features as
+    float32, twice (the selection's copies), plus :data:`PROCESS_BYTES`. The one estimate for ``fit-many``'s
+    tasks and ``fit --ray``'s shard workers."""
+    return int(2 * 4 * patches_per_image * width * n_images + PROCESS_BYTES)
+
+
+def patch_shape(params: dict[str, Any]) -> tuple[int, int]:
+    """(patch features per image, their width) of a model with ``params``: one forward pass of a blank image."""
+    import numpy as np
+
+    from .images import as_items
     from .model import PatchCore
 
     model = PatchCore(**params)
+    model.skipped_ = []
     h, w = model.preprocessing.input_size
-    per_image = (h // 8) * (w // 8) * feature_width(model)
-    return int(2 * 4 * per_image * n_images + 1.5e9)
-
-
-def feature_width(model) -> int:
-    """Width of the model's patch features (one forward pass on a blank image)."""
-    import torch
-
-    members, _ = model._network()
-    with torch.inference_mode():
-        x = torch.zeros(1, 3, 64, 64)
-        from .features import patch_features
-
-        return sum(int(patch_features(list(taps(x)), model.target_dim).shape[-1]) for taps, _, _ in members)
+    feats, _ = model._extract(as_items([np.zeros((h, w, 3), np.uint8)]), False, None)
+    return int(feats.shape[1] * feats.shape[2]), int(feats.shape[3])
 
 
 def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dict[str, Any], *,
@@ -264,9 +265,9 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
                 progress(results[p.name])
     else:
         with cluster(address) as ray:
-            per_image = fit_memory(params, 1) - int(1.5e9)
+            shape = patch_shape(params)
             task = ray.remote(num_cpus=1)(_fit_task)
-            refs = {task.options(memory=per_image * len(good_images(p)) + int(1.5e9),
+            refs = {task.options(memory=fit_memory(len(good_images(p)), *shape),
                                  name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite): p.name
                     for p in products}
             pending = list(refs)
@@ -356,11 +357,12 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         return model.fit(paths, progress=progress)
     folds = min(int(model.calibration_folds), len(paths))
     t0 = time.perf_counter()
-    per_shard = int(2 * 4 * h * w * d * max(len(i) for i, _ in shards) + 1.5e9)
+    per_shard = fit_memory(max(len(i) for i, _ in shards), h * w, d) - PROCESS_BYTES
     with cluster(address) as ray:
         n_workers = max(1, min(len(shards), workers or int(ray.cluster_resources().get("CPU", 1))))
         worker = ray.remote(num_cpus=1)(_ShardWorker)
-        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers)).remote(params)
+        # an actor keeps the features of every shard it takes, for the calibration scoring
+        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + PROCESS_BYTES).remote(params)
                 for _ in range(n_workers)]
         actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
         refs = [a.select.remote(i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
