@@ -48,7 +48,7 @@ def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str =
              shard_features: int | None = None) -> dict:
     """One fit of an n-image product (in this process): times, bank, peak memory, and optionally AUROCs."""
     from patchcore import PatchCore
-    from patchcore.coreset import coverage_radius, random_projection
+    from patchcore.coreset import random_projection
 
     imgs = product(category, n)
     given = {"shard_features": None} if exact else {} if shard_features is None else {"shard_features": shard_features}

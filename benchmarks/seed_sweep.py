@@ -14,7 +14,9 @@ coreset ratios; aug: "rot4" / "flip8" adds the quarter turns (and flips) of the 
 features), "knneqK" (that, reweighted by Eq. 7). Rows are appended to out/feature_cache/results.jsonl.
 Pixel metrics are computed on maps resized to 256 px, the shared images' size.
 """
-import json, os, sys, time
+import json
+import sys
+import time
 from pathlib import Path
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from PIL import Image
 from patchcore import PatchCore
 from patchcore.datasets import read_mvtec, load_mask
 from patchcore.images import as_items
-from patchcore.coreset import select, shard_coresets, random_projection, coverage_radius
+from patchcore.coreset import select, shard_coresets
 from patchcore.scoring import MemoryBank, reweighted_score, smooth
 from patchcore.metrics import image_auroc, pixel_auroc, aupro
 

@@ -173,8 +173,6 @@ def predict_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLi
 # --------------------------------------------------------------------------------------- many products
 def products_of(root: str | os.PathLike) -> list[Path]:
     """The product folders of ``root``: its subfolders that hold good images (train/good, good/ or images)."""
-    from .images import list_images
-
     root = Path(root)
     if not root.is_dir():
         raise PatchCoreError(f"{root}: no such folder")
