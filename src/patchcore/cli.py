@@ -717,8 +717,7 @@ def predict(
     model.batch_size = batch_size
     files = _collect_images(images)
     thresholds = thresholds_in_force(model, threshold, "--threshold", model_name=str(model_path))
-    thr, pix, thr_source = thresholds.image, thresholds.pixel, thresholds.source
-    model.threshold_ = thr
+    model.threshold_ = thresholds.image
     names = output_names(files, base=images[0] if len(images) == 1 and images[0].is_dir() else None)
     by_path = {str(f): (f, n) for f, n in zip(files, names)}
     try:
