@@ -103,7 +103,7 @@ def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, chunk: int = 16,
         raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
     if method not in ("auto", "plain", "pruned"):
         raise ValueError(f"method must be auto, plain or pruned, got {method!r}")
-    start = int(torch.randint(N, (1,), generator=torch.Generator().manual_seed(seed)))
+    start = _seeded_start(N, seed)
     if method == "plain" or (method == "auto" and N <= PLAIN_MAX):
         return _plain_greedy(z, n, start, progress)
     layout, centroids, cell, ecc = _chunks(z, chunk, seed)
@@ -144,22 +144,20 @@ def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, chunk: int = 16,
     return chosen
 
 
+def _seeded_start(n: int, seed: int) -> int:
+    """The greedy loop's first centre among ``n`` points, drawn by ``seed``."""
+    return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
 def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None) -> torch.Tensor:
-    """The textbook loop: one pass over all points per selected centre (squared distances, no sqrt)."""
-    sq = (z * z).sum(1)
-    mind = torch.full((len(z),), float("inf"))
-    buf = torch.empty(len(z))
-    chosen = torch.empty(n, dtype=torch.long)
-    pos, step = start, max(1, n // 100)
-    for i in range(n):
-        chosen[i] = pos
-        torch.mv(z, z[pos], out=buf)
-        buf.mul_(-2.0).add_(sq).add_(sq[pos])
-        torch.minimum(mind, buf, out=mind)
-        pos = int(mind.argmax())
-        if progress is not None and ((i + 1) % step == 0 or i + 1 == n):
-            progress(i + 1, n)
-    return chosen
+    """The textbook loop, one pass over all points per selected centre: one :class:`_Cell` run to n centres."""
+    loop = _Cell(z, start)
+    step = max(1, n // 100)
+    while len(loop.chosen) < n:
+        loop.run(float("-inf"), limit=min(n, len(loop.chosen) + step))
+        if progress is not None:
+            progress(len(loop.chosen), n)
+    return torch.tensor(loop.chosen, dtype=torch.long)
 
 
 def select(features: torch.Tensor, ratio: float, dim: int = 128, seed: int = 0,
@@ -211,22 +209,24 @@ def cell_labels(z: torch.Tensor, n_cells: int, seed: int = 0) -> np.ndarray:
 
 
 class _Cell:
-    """The plain greedy loop over one cell's points, resumable, recording each centre's distance to the
-    centres chosen before it in the cell (its coverage radius just before it was added)."""
+    """The plain greedy loop over points ``z``, starting at ``start``, resumable, recording each centre's
+    distance to the centres chosen before it (the coverage radius just before it was added)."""
 
-    def __init__(self, z: torch.Tensor, seed: int) -> None:
+    def __init__(self, z: torch.Tensor, start: int) -> None:
         self.z = z.contiguous()
         self.sq = (self.z * self.z).sum(1)
         self.mind = torch.full((len(z),), float("inf"))
         self.buf = torch.empty(len(z))
-        self.next = int(torch.randint(len(z), (1,), generator=torch.Generator().manual_seed(seed)))
+        self.next = start
         self.next_dist = float("inf")
         self.chosen: list[int] = []
         self.dist: list[float] = []
 
-    def run(self, radius: float) -> None:
-        """Add centres until no point lies farther than ``radius`` from them (or every point is one)."""
-        while (self.next_dist > radius or not self.chosen) and len(self.chosen) < len(self.z):
+    def run(self, radius: float, limit: int | None = None) -> None:
+        """Add centres until no point lies farther than ``radius`` from them, or ``limit`` (default: every
+        point) are chosen."""
+        limit = len(self.z) if limit is None else min(limit, len(self.z))
+        while (self.next_dist > radius or not self.chosen) and len(self.chosen) < limit:
             pos = self.next
             self.chosen.append(pos)
             self.dist.append(self.next_dist)
@@ -249,7 +249,7 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     if not 1 <= n <= len(z):
         raise ValueError(f"coreset size must be between 1 and {len(z)}, got {n}")
     members = [torch.from_numpy(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    cells = [_Cell(z.index_select(0, m), seed + i) for i, m in enumerate(members)]
+    cells = [_Cell(z.index_select(0, m), _seeded_start(len(m), seed + i)) for i, m in enumerate(members)]
     if len(cells) > n:
         raise ValueError(f"{len(cells)} cells cannot share {n} centres: use fewer cells")
     jobs = max(1, min(len(cells), n_jobs or os.cpu_count() or 1))
