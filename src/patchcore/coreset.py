@@ -160,11 +160,16 @@ def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None
     return torch.tensor(loop.chosen, dtype=torch.long)
 
 
+def coreset_size(n: int, ratio: float) -> int:
+    """How many of ``n`` features a coreset of ``ratio`` keeps (at least one; all from ratio 1 on)."""
+    return n if ratio >= 1.0 else max(1, int(n * ratio))
+
+
 def select(features: torch.Tensor, ratio: float, dim: int = 128, seed: int = 0,
            progress: Progress | None = None) -> torch.Tensor:
     """Indices of the greedy coreset of ``ratio`` of ``features`` (N, D), selected on their seeded random
     projection to ``dim``: the paper's selection of one memory bank."""
-    n_keep = len(features) if ratio >= 1.0 else max(1, int(len(features) * ratio))
+    n_keep = coreset_size(len(features), ratio)
     if n_keep >= len(features):
         return torch.arange(len(features))
     return greedy_coreset(random_projection(features, dim, seed), n_keep, seed=seed, progress=progress)

@@ -230,10 +230,9 @@ def fit_memory(n_images: int, patches_per_image: int, width: int) -> int:
     return int(2 * 4 * patches_per_image * width * n_images + PROCESS_BYTES)
 
 
-def patch_shape(params: dict[str, Any]) -> tuple[int, int]:
-    """(patch features per image, their width) of a model with ``params``: one forward pass of a blank image."""
-    import numpy as np
-
+def patch_shape(params: dict[str, Any]) -> tuple[int, int, int]:
+    """(grid height, grid width, feature width) of the patch features of a model with ``params``: one forward
+    pass of a blank image (every image is resized to the same input, so every image gives this grid)."""
     from .images import as_items
     from .model import PatchCore
 
@@ -241,7 +240,7 @@ def patch_shape(params: dict[str, Any]) -> tuple[int, int]:
     model.skipped_ = []
     h, w = model.preprocessing.input_size
     feats, _ = model._extract(as_items([np.zeros((h, w, 3), np.uint8)]), False, None)
-    return int(feats.shape[1] * feats.shape[2]), int(feats.shape[3])
+    return int(feats.shape[1]), int(feats.shape[2]), int(feats.shape[3])
 
 
 def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dict[str, Any], *,
@@ -263,9 +262,9 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
                 progress(results[p.name])
     else:
         with cluster(address) as ray:
-            shape = patch_shape(params)
+            h, w, d = patch_shape(params)
             task = ray.remote(num_cpus=1)(_fit_task)
-            refs = {task.options(memory=fit_memory(len(good_images(p)), *shape),
+            refs = {task.options(memory=fit_memory(len(good_images(p)), h * w, d),
                                  name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite): p.name
                     for p in products}
             pending = list(refs)
@@ -340,16 +339,14 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     model records ``shard_by="images"``: k-means cells of the feature space (the local default) would need
     every image's features on one machine. A product that fits in one shard is fitted here, as a local fit
     would."""
-    from .images import as_items
-    from .model import PatchCore
+    from .model import PatchCore, shard_fold_banks
 
     paths = [str(p) for p in images]
     params = {**params, "shard_by": "images"}  # cells of the feature space need every feature in one place
     model = PatchCore(**params)
     model._check_params()
     model.skipped_ = []
-    probe, _ = model._extract(as_items(paths[:1]), False, None)  # every image gives the same grid
-    _, h, w, d = probe.shape
+    h, w, d = patch_shape(params)
     shards = model.plan_shards(len(paths), h * w)
     if len(shards) == 1:
         return model.fit(paths, progress=progress)
@@ -373,8 +370,7 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         t2 = time.perf_counter()
         cross = None
         if folds >= 2:
-            fold_banks = [ray.put(np.concatenate([p for p, (_, f) in zip(picked, shards) if f != j]))
-                          for j in range(folds)]
+            fold_banks = [ray.put(b) for b in shard_fold_banks(picked, [f for _, f in shards], folds)]
             # The images the local cross-fit scores, in its order (model._cross_fit): a prefix of each fold.
             wanted = [i for scored in model.calibration_split(len(paths), folds)[1] for i in scored]
             chosen = set(int(i) for i in wanted)

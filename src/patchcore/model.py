@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .backbones import NORMALIZATIONS, LayerTaps, fingerprint, get_backbone, load_backbone
-from .coreset import cell_coreset, cell_labels, random_projection, select, shard_coresets
+from .coreset import cell_coreset, cell_labels, coreset_size, random_projection, select, shard_coresets
 from .errors import ModelFileError, NotFittedError, PatchCoreError
 from .features import crop_border, patch_features
 from .images import PRESETS, ImagesLike, Item, Preprocessing, as_items, iter_loaded
@@ -51,6 +51,12 @@ def _same(a: Any, b: Any) -> bool:
         return False
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return x.shape == y.shape and bool(np.allclose(x, y))
+
+
+def shard_fold_banks(parts: list[np.ndarray], shard_folds: list[int], folds: int) -> list[np.ndarray]:
+    """Each calibration fold's bank when the coreset was selected in shards of whole images inside the folds
+    (``parts[i]``: shard i's coreset, of fold ``shard_folds[i]``): the other folds' shard coresets."""
+    return [np.concatenate([p for p, f in zip(parts, shard_folds) if f != j]) for j in range(folds)]
 
 
 # What each preset chooses beyond its preprocessing (images.PRESETS: resize, crop); an explicit constructor
@@ -323,38 +329,37 @@ class PatchCore:
         n_img, h, w, d = feats.shape
         folds = min(int(self.calibration_folds), n_img)
         flat = feats.reshape(-1, d)
-        cross, fold_banks = None, None
-        if self.shard_by == "images":
+
+        def rows(imgs: np.ndarray) -> torch.Tensor:  # the images' rows of ``flat``
+            return torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel())
+
+        fold_banks: list[np.ndarray] = []
+        if self.shard_by == "images" and self._split(n_img * h * w):
             shards = self.plan_shards(n_img, h * w)
-            rows = [torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel()) for imgs, _ in shards]
-            parts = [flat] if len(shards) == 1 else [flat.index_select(0, r) for r in rows]
-            picks = [r[p] for r, p in zip(rows, self._select_shards(parts, progress))]
-            del parts
-            bank = flat.index_select(0, torch.cat(picks)).float().numpy()
-            if folds >= 2 and len(shards) > 1:  # each fold's bank: the other folds' shard coresets, already selected
-                fold_banks = [flat.index_select(0, torch.cat([p for p, (_, f) in zip(picks, shards) if f != j]))
-                              .float().numpy() for j in range(folds)]
+            shard_rows = [rows(imgs) for imgs, _ in shards]
+            picks = self._select_shards([flat.index_select(0, r) for r in shard_rows], progress)
+            parts = [flat.index_select(0, r[p]).float().numpy() for r, p in zip(shard_rows, picks)]
+            bank = np.concatenate(parts)
+            if folds >= 2:
+                fold_banks = shard_fold_banks(parts, [f for _, f in shards], folds)
             n_parts = len(shards)
         else:
             # Each fold's calibration bank is selected the same way from the other folds' images, so the
             # cross-fit scores images as the fitted model will score new ones.
-            sets = [np.arange(n_img)] + (
-                [np.setdiff1d(np.arange(n_img), held) for held in self.calibration_split(n_img, folds)[0]]
-                if folds >= 2 and self._split(n_img * h * w) else [])
+            sets = [np.arange(n_img)] + ([np.setdiff1d(np.arange(n_img), held)
+                                          for held in self.calibration_split(n_img, folds)[0]] if folds >= 2 else [])
             wanted = [self._n_keep(len(imgs) * h * w) for imgs in sets]
             banks = []
             for k, imgs in enumerate(sets):
-                x = flat if k == 0 else flat.index_select(
-                    0, torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel()))
+                x = flat if k == 0 else flat.index_select(0, rows(imgs))
                 done = sum(wanted[:k])  # one "coreset" bar over the model's selection and the folds' ones
                 report = (lambda i, n, done=done: progress("coreset", done + i, sum(wanted))) if progress else None
                 banks.append(x.index_select(0, self._coreset(x, report)).float().numpy())
                 del x
-            bank, fold_banks = banks[0], (banks[1:] or None)
+            bank, fold_banks = banks[0], banks[1:]
             n_parts = self._n_cells(n_img * h * w)
         t2 = time.perf_counter()
-        if folds >= 2:
-            cross = self._cross_fit(feats, sizes, folds, progress, fold_banks)
+        cross = self._cross_fit(feats, sizes, fold_banks, progress) if folds >= 2 else None
         return self._assemble(bank, {
             "n_images": n_img, "n_features": n_img * h * w, "feature_dim": int(d), "grid": [h, w],
             "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": self.shard_by,
@@ -385,7 +390,13 @@ class PatchCore:
         return self.shard_features is not None and n_features > int(self.shard_features)
 
     def _n_keep(self, n_features: int) -> int:
-        return n_features if self.coreset_ratio >= 1.0 else max(1, int(n_features * self.coreset_ratio))
+        return coreset_size(n_features, self.coreset_ratio)
+
+    def _check_keep(self, n_keep: int) -> None:
+        if n_keep < self.num_neighbors:
+            raise PatchCoreError(
+                f"the coreset would hold {n_keep} features, fewer than num_neighbors={self.num_neighbors}: "
+                f"use more good images or a larger coreset_ratio")
 
     def _n_cells(self, n_features: int) -> int:
         """k-means cells for a split selection from ``n_features`` features (1: not split)."""
@@ -397,10 +408,7 @@ class PatchCore:
         """Indices of the coreset of patch features ``x`` (N, D): exact greedy selection up to
         ``shard_features`` features, greedy selection in k-means cells of the feature space above."""
         n_keep = self._n_keep(len(x))
-        if n_keep < self.num_neighbors:
-            raise PatchCoreError(
-                f"the coreset would hold {n_keep} features, fewer than num_neighbors={self.num_neighbors}: "
-                f"use more good images or a larger coreset_ratio")
+        self._check_keep(n_keep)
         if n_keep >= len(x):
             return torch.arange(len(x))
         cells = self._n_cells(len(x))
@@ -440,46 +448,30 @@ class PatchCore:
 
     def _select_shards(self, shards: list[torch.Tensor], progress: Progress | None) -> list[torch.Tensor]:
         """Each shard's coreset (indices into the shard), ``coreset_ratio`` of its features."""
-        total = sum(len(x) for x in shards)
-        n_keep = total if self.coreset_ratio >= 1.0 else sum(max(1, int(len(x) * self.coreset_ratio))
-                                                             for x in shards)
-        if n_keep < self.num_neighbors:
-            raise PatchCoreError(
-                f"the coreset would hold {n_keep} features, fewer than num_neighbors={self.num_neighbors}: "
-                f"use more good images or a larger coreset_ratio")
-        if len(shards) == 1:
-            return [select(shards[0], self.coreset_ratio, self.projection_dim, self.seed,
-                           progress=(lambda i, n: progress("coreset", i, n)) if progress else None)]
+        self._check_keep(sum(self._n_keep(len(x)) for x in shards))
         return shard_coresets(shards, self.coreset_ratio, self.projection_dim, self.seed, self.n_jobs,
                               progress=(lambda i, n: progress("coreset", i, n)) if progress else None)
 
-    def _cross_fit(self, feats: torch.Tensor, sizes: list[tuple[int, int]], folds: int,
-                   progress: Progress | None, fold_banks: list[np.ndarray] | None = None
-                   ) -> tuple[list[float], list[float]]:
+    def _cross_fit(self, feats: torch.Tensor, sizes: list[tuple[int, int]], fold_banks: list[np.ndarray],
+                   progress: Progress | None) -> tuple[list[float], list[float]]:
         """Scores and map maxima of (at most ``calibration_max_images``, drawn evenly from the folds) images,
-        each from a bank selected without its fold (folds drawn by seed); ``fold_banks``: those banks, when
-        sharding has already selected them. Folds are scored ``n_jobs`` at a time."""
-        n_img = feats.shape[0]
-        splits, scored_of = self.calibration_split(n_img, folds)
+        each against ``fold_banks[j]``, the bank selected without its fold j (folds drawn by seed). Folds are
+        scored ``n_jobs`` at a time."""
+        folds = len(fold_banks)
+        _, scored_of = self.calibration_split(feats.shape[0], folds)
         done = [0]
 
         def one(j: int) -> list[tuple[float, float]]:
-            held, scored = splits[j], scored_of[j]
-            if fold_banks is not None:
-                bank = MemoryBank(fold_banks[j])
-            else:
-                rest = torch.from_numpy(np.setdiff1d(np.arange(n_img), held))
-                fx = feats.index_select(0, rest).reshape(-1, feats.shape[-1])
-                bank = MemoryBank(fx.index_select(0, self._select_shards([fx], None)[0]).float().numpy())
+            scored = scored_of[j]
             out = [(score, float(amap.max())) for score, amap in self._score(
-                bank, feats[torch.from_numpy(scored)].float(), [sizes[i] for i in scored])]
+                MemoryBank(fold_banks[j]), feats[torch.from_numpy(scored)].float(), [sizes[i] for i in scored])]
             done[0] += 1
             if progress:
                 progress("calibration", done[0], folds)
             return out
 
         jobs = max(1, min(folds, self.n_jobs or os.cpu_count() or 1))
-        if jobs == 1 or fold_banks is None:  # unsharded folds select coresets, which use every core already
+        if jobs == 1:
             results = [one(j) for j in range(folds)]
         else:
             with ThreadPoolExecutor(jobs) as pool:
