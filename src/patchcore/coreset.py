@@ -268,7 +268,7 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
 
             total = lower(float("inf"))  # each cell's first centre; the radius starts at the largest gap left
             radius = max(c.next_dist for c in cells)
-            while total < n and radius > 0.0:
+            while total < n and any(c.next_dist > 0.0 for c in cells):  # else only duplicates are left
                 # 5 % steps, then 1 % near the goal: each step's overshoot is selection work thrown away
                 radius *= 0.95 if total < 0.9 * n else 0.99
                 total = lower(radius)
