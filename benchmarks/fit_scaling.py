@@ -8,6 +8,7 @@ memory is its own. Prints a table and one JSON line per measurement (for docs/sc
     python benchmarks/fit_scaling.py --sizes 800 --shard-by images             # shards of whole images (Ray's)
     python benchmarks/fit_scaling.py --sizes 200 400 --exact                   # the exact greedy, for comparison
     python benchmarks/fit_scaling.py --ray-predict 64 --ray-fit-many           # Ray: 1 vs 2 workers
+    python benchmarks/fit_scaling.py --ray-fit 400                             # fit --ray of one product
 
 The AUROCs of a product are measured on the category's real test set.
 """
@@ -141,6 +142,38 @@ def ray_fit_many(workers: list[int]) -> list[dict]:
     return rows
 
 
+def ray_fit(category: str, n: int, workers: list[int], shard_by: str) -> list[dict]:
+    """``fit --ray`` of an n-image product (written to PNG files) on a local Ray with 1 and 2 CPUs, each in a
+    fresh process; the wall time includes Ray's start-up."""
+    from PIL import Image
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for k, a in enumerate(product(category, n)):
+            files.append(Path(tmp) / f"{k:05d}.png")
+            Image.fromarray(a).save(files[-1])
+        (Path(tmp) / "files.txt").write_text("\n".join(map(str, files)))
+        for w in workers:
+            code = (
+                "import json,sys,time; from patchcore.distributed import cluster, fit_on_ray\n"
+                "files = open(sys.argv[1]).read().split()\n"
+                f"with cluster(num_cpus={w}):\n"
+                "    t=time.perf_counter()\n"
+                f"    m=fit_on_ray(files, {{'device': 'cpu', 'shard_by': {shard_by!r}}}, workers={w})\n"
+                "    i=m.fit_info_; print(json.dumps({'wall': time.perf_counter()-t, 'extract': i['extract_seconds'],"
+                " 'coreset': i['coreset_seconds'], 'calibration': i.get('calibration_seconds', 0.0),"
+                " 'bank': i['bank_size'], 'threshold': m.threshold_}))")
+            out = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "files.txt")],
+                                 capture_output=True, text=True, check=True)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"job": "fit --ray", "category": category, "images": n, "shard_by": shard_by,
+                         "workers": w, "wall_s": round(got["wall"], 1), "extract_s": round(got["extract"], 1),
+                         "coreset_s": round(got["coreset"], 1), "calibration_s": round(got["calibration"], 1),
+                         "bank": got["bank"], "threshold": round(got["threshold"], 4)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--category", default="screw")
@@ -152,6 +185,7 @@ def main() -> None:
     ap.add_argument("--evaluate", action="store_true", help="also coverage radius and AUROCs on the test set")
     ap.add_argument("--ray-predict", type=int, default=0, metavar="N", help="score N images on Ray, 1 vs 2 workers")
     ap.add_argument("--ray-fit-many", action="store_true", help="fit-many bottle+screw on Ray, 1 vs 2 CPUs")
+    ap.add_argument("--ray-fit", type=int, default=0, metavar="N", help="fit --ray of an N-image product, 1 vs 2 CPUs")
     ap.add_argument("--one", nargs=2, metavar=("N", "EXACT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process: one fit, one JSON line
@@ -169,6 +203,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if args.ray_predict:
         for r in ray_predict(args.ray_predict, [1, 2]):
+            print(json.dumps(r), flush=True)
+    if args.ray_fit:
+        for r in ray_fit(args.category, args.ray_fit, [1, 2], args.shard_by):
             print(json.dumps(r), flush=True)
     if args.ray_fit_many:
         for r in ray_fit_many([1, 2]):

@@ -142,16 +142,20 @@ def test_without_ray_the_cli_says_how_to_install_it(small_model, tmp_path):
         assert len(r.stderr.strip().splitlines()) <= 3
 
 
-def test_large_product_fit_on_ray_equals_the_local_sharded_fit(bottle):
+@pytest.mark.parametrize("shard_by", ["features", "images"])
+def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by):
     from patchcore.distributed import fit_on_ray
 
     good = sorted((bottle / "train" / "good").iterdir())[:30]
     # 6 images a shard: 36 x 36 patch features each at the default 288 px
-    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 36 * 36, "device": "cpu"}
-    local = PatchCore(**params, shard_by="images").fit(good)
-    remote = fit_on_ray(good, params)  # shards of whole images: the split that composes across machines
-    assert remote.shard_by == remote.fit_info_["shard_by"] == "images"
-    assert local.fit_info_["shards"] == remote.fit_info_["shards"] == 6  # 3 folds of 2 shards
+    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 36 * 36, "device": "cpu",
+              "shard_by": shard_by}
+    local = PatchCore(**params).fit(good)
+    remote = fit_on_ray(good, params)
+    assert remote.shard_by == remote.fit_info_["shard_by"] == shard_by
+    assert remote.fit_info_["ray"] and remote.fit_info_["ray_workers"] >= 1
+    # features: the driver selects in k-means cells of ~1,944 features; images: 3 folds of 2 shards
+    assert local.fit_info_["shards"] == remote.fit_info_["shards"] == (20 if shard_by == "features" else 6)
     assert_same_bank(remote.memory_bank_, local.memory_bank_)
     assert remote.threshold_ == pytest.approx(local.threshold_, rel=1e-3)
     assert remote.calibration_["n"] == local.calibration_["n"] == 30

@@ -290,9 +290,10 @@ def _fit_task(product: str, output: str, params: dict[str, Any], overwrite: bool
 
 # ------------------------------------------------------------------------------------ one large product
 class _ShardWorker:
-    """Ray actor for coreset shards: extracts each given shard's patch features once and keeps them, selects the
-    shard's coreset, then scores its images (all of one calibration fold) against that fold's bank. A fixed
-    pool of these (one per CPU) takes the shards in turn, so no shard waits for a CPU an idle actor holds."""
+    """Ray actor for shards of whole images: extracts each given shard's patch features once and keeps them,
+    sends them to the driver or selects the shard's coreset itself, then scores its images (all of one
+    calibration fold) against that fold's bank. A fixed pool of these (one per CPU) takes the shards in turn,
+    so no shard waits for a CPU an idle actor holds."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         import torch
@@ -304,15 +305,25 @@ class _ShardWorker:
         self.model.skipped_ = []
         self.shards: dict[int, tuple[Any, list]] = {}
 
+    def _features(self, index: int, paths: list[str]) -> Any:
+        from .images import as_items
+
+        if index not in self.shards:
+            self.shards[index] = self.model._extract(as_items(paths), False, None)
+        return self.shards[index][0]
+
+    def extract(self, index: int, paths: list[str]) -> tuple[np.ndarray, list]:
+        """Shard ``index``'s patch features (n, h, w, D) and image sizes, as ``PatchCore._extract`` gives them."""
+        feats = self._features(index, paths)
+        return feats.numpy(), self.shards[index][1]
+
     def select(self, index: int, paths: list[str]) -> np.ndarray:
         """Shard ``index``'s coreset features, selected as :func:`patchcore.coreset.shard_coresets` selects
         shard ``index`` (seeded ``seed + index``)."""
         from .coreset import select
-        from .images import as_items
 
         m = self.model
-        feats, sizes = m._extract(as_items(paths), False, None)
-        self.shards[index] = (feats, sizes)
+        feats = self._features(index, paths)
         flat = feats.reshape(-1, feats.shape[-1])
         picks = select(flat, m.coreset_ratio, m.projection_dim, seed=m.seed + index)
         return flat.index_select(0, picks).float().numpy()
@@ -333,16 +344,22 @@ class _ShardWorker:
 
 def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, address: str | None = None,
                workers: int | None = None, progress: Callable[[str, int, int], None] | None = None):
-    """``PatchCore(**params).fit(images)`` with its coreset shards spread over ``workers`` Ray actors (default:
-    one per CPU of the cluster): each extracts and selects its shards (the same shards and seeds as a local
-    fit with ``shard_by="images"``), then scores their images for the cross-fitted calibration. The returned
-    model records ``shard_by="images"``: k-means cells of the feature space (the local default) would need
-    every image's features on one machine. A product that fits in one shard is fitted here, as a local fit
-    would."""
+    """``PatchCore(**params).fit(images)`` with its work spread over ``workers`` Ray actors (default: one per
+    CPU of the cluster). The good images are cut into shards of whole images inside the calibration folds
+    (``PatchCore.plan_shards``), which the actors take in turn.
+
+    With ``shard_by="features"`` (the default) the actors extract their shards' patch features and send them
+    to the driver, which selects the bank and every calibration fold's bank in k-means cells of the feature
+    space, as a local fit does: the selection needs every feature in one place, and it runs on the driver's
+    CPUs. With ``shard_by="images"`` each actor selects its shards' coresets itself and only those travel (the
+    split that composes, at a cost in accuracy: docs/scaling.md). Either way the actors then score their
+    images against their fold's bank for the cross-fitted calibration, and the model is the local fit's with
+    the same parameters. A product that fits in one shard is fitted here, as a local fit would."""
+    import torch
+
     from .model import PatchCore, shard_fold_banks
 
     paths = [str(p) for p in images]
-    params = {**params, "shard_by": "images"}  # cells of the feature space need every feature in one place
     model = PatchCore(**params)
     model._check_params()
     model.skipped_ = []
@@ -360,30 +377,48 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + PROCESS_BYTES).remote(params)
                 for _ in range(n_workers)]
         actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
-        refs = [a.select.remote(i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
-        picked = []
-        for i, ref in enumerate(refs):
-            picked.append(ray.get(ref))
-            if progress:
-                progress("coreset", i + 1, len(refs))
-        bank = np.concatenate(picked)
+        jobs = [(a, i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
+        if model.shard_by == "images":
+            picked = []
+            for i, ref in enumerate([a.select.remote(i, p) for a, i, p in jobs]):
+                picked.append(ray.get(ref))
+                if progress:
+                    progress("coreset", i + 1, len(jobs))
+            t1 = t0  # extraction ran on the workers, inside coreset_seconds
+            bank = np.concatenate(picked)
+            fold_banks = shard_fold_banks(picked, [f for _, f in shards], folds) if folds >= 2 else []
+            n_parts = len(shards)
+        else:
+            feats, sizes, done = None, [None] * len(paths), 0
+            for (imgs, _), ref in zip(shards, [a.extract.remote(i, p) for a, i, p in jobs]):
+                part, part_sizes = ray.get(ref)
+                if feats is None:
+                    feats = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)
+                feats[imgs] = part
+                for k, size in zip(imgs, part_sizes):
+                    sizes[k] = size
+                done += len(imgs)
+                if progress:
+                    progress("features", done, len(paths))
+            t1 = time.perf_counter()
+            bank, fold_banks, n_parts = model._select_banks(torch.from_numpy(feats), progress)
+            del feats
         t2 = time.perf_counter()
         cross = None
         if folds >= 2:
-            fold_banks = [ray.put(b) for b in shard_fold_banks(picked, [f for _, f in shards], folds)]
+            fold_refs = [ray.put(b) for b in fold_banks]
             # The images the local cross-fit scores, in its order (model._cross_fit): a prefix of each fold.
             wanted = [i for scored in model.calibration_split(len(paths), folds)[1] for i in scored]
             chosen = set(int(i) for i in wanted)
             asks = [[k for k, i in enumerate(imgs) if int(i) in chosen] for imgs, _ in shards]
-            got = ray.get([a.score.remote(i, fold_banks[f], pos)
+            got = ray.get([a.score.remote(i, fold_refs[f], pos)
                            for i, (a, (_, f), pos) in enumerate(zip(actors, shards, asks))])
             by_image = {int(imgs[k]): (s, m) for (imgs, _), pos, (ss, mm) in zip(shards, asks, got)
                         for k, s, m in zip(pos, ss, mm)}
             cross = ([by_image[int(i)][0] for i in wanted], [by_image[int(i)][1] for i in wanted])
         for a in pool:
             ray.kill(a)
-    # Extraction ran on the workers, inside coreset_seconds.
     return model._assemble(bank, {
         "n_images": len(paths), "n_features": len(paths) * h * w, "feature_dim": int(d), "grid": [h, w],
-        "extract_seconds": 0.0, "shards": len(shards), "shard_by": "images", "coreset_seconds": t2 - t0, "skipped": 0,
-        "ray": True}, cross, folds, t0, t2)
+        "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": model.shard_by, "coreset_seconds": t2 - t1,
+        "skipped": 0, "ray": True, "ray_workers": n_workers}, cross, folds, t0, t2)

@@ -328,36 +328,7 @@ class PatchCore:
         t1 = time.perf_counter()
         n_img, h, w, d = feats.shape
         folds = min(int(self.calibration_folds), n_img)
-        flat = feats.reshape(-1, d)
-
-        def rows(imgs: np.ndarray) -> torch.Tensor:  # the images' rows of ``flat``
-            return torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel())
-
-        fold_banks: list[np.ndarray] = []
-        if self.shard_by == "images" and self._split(n_img * h * w):
-            shards = self.plan_shards(n_img, h * w)
-            shard_rows = [rows(imgs) for imgs, _ in shards]
-            picks = self._select_shards([flat.index_select(0, r) for r in shard_rows], progress)
-            parts = [flat.index_select(0, r[p]).float().numpy() for r, p in zip(shard_rows, picks)]
-            bank = np.concatenate(parts)
-            if folds >= 2:
-                fold_banks = shard_fold_banks(parts, [f for _, f in shards], folds)
-            n_parts = len(shards)
-        else:
-            # Each fold's calibration bank is selected the same way from the other folds' images, so the
-            # cross-fit scores images as the fitted model will score new ones.
-            sets = [np.arange(n_img)] + ([np.setdiff1d(np.arange(n_img), held)
-                                          for held in self.calibration_split(n_img, folds)[0]] if folds >= 2 else [])
-            wanted = [self._n_keep(len(imgs) * h * w) for imgs in sets]
-            banks = []
-            for k, imgs in enumerate(sets):
-                x = flat if k == 0 else flat.index_select(0, rows(imgs))
-                done = sum(wanted[:k])  # one "coreset" bar over the model's selection and the folds' ones
-                report = (lambda i, n, done=done: progress("coreset", done + i, sum(wanted))) if progress else None
-                banks.append(x.index_select(0, self._coreset(x, report)).float().numpy())
-                del x
-            bank, fold_banks = banks[0], banks[1:]
-            n_parts = self._n_cells(n_img * h * w)
+        bank, fold_banks, n_parts = self._select_banks(feats, progress)
         t2 = time.perf_counter()
         cross = self._cross_fit(feats, sizes, fold_banks, progress) if folds >= 2 else None
         return self._assemble(bank, {
@@ -365,6 +336,39 @@ class PatchCore:
             "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": self.shard_by,
             "coreset_seconds": t2 - t1,
             "skipped": len(self.skipped_)}, cross, folds, t0, t2)
+
+    def _select_banks(self, feats: torch.Tensor, progress: Progress | None
+                      ) -> tuple[np.ndarray, list[np.ndarray], int]:
+        """The memory bank of patch features ``feats`` (N, h, w, D), each calibration fold's bank (none when
+        not cross-fitted) and how many parts the selection was split into (also used by
+        :func:`patchcore.distributed.fit_on_ray`, whose workers extract the features)."""
+        n_img, h, w, d = feats.shape
+        folds = min(int(self.calibration_folds), n_img)
+        flat = feats.reshape(-1, d)
+
+        def rows(imgs: np.ndarray) -> torch.Tensor:  # the images' rows of ``flat``
+            return torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel())
+
+        if self.shard_by == "images" and self._split(n_img * h * w):
+            shards = self.plan_shards(n_img, h * w)
+            shard_rows = [rows(imgs) for imgs, _ in shards]
+            picks = self._select_shards([flat.index_select(0, r) for r in shard_rows], progress)
+            parts = [flat.index_select(0, r[p]).float().numpy() for r, p in zip(shard_rows, picks)]
+            fold_banks = shard_fold_banks(parts, [f for _, f in shards], folds) if folds >= 2 else []
+            return np.concatenate(parts), fold_banks, len(shards)
+        # Each fold's calibration bank is selected the same way from the other folds' images, so the
+        # cross-fit scores images as the fitted model will score new ones.
+        sets = [np.arange(n_img)] + ([np.setdiff1d(np.arange(n_img), held)
+                                      for held in self.calibration_split(n_img, folds)[0]] if folds >= 2 else [])
+        wanted = [self._n_keep(len(imgs) * h * w) for imgs in sets]
+        banks = []
+        for k, imgs in enumerate(sets):
+            x = flat if k == 0 else flat.index_select(0, rows(imgs))
+            done = sum(wanted[:k])  # one "coreset" bar over the model's selection and the folds' ones
+            report = (lambda i, n, done=done: progress("coreset", done + i, sum(wanted))) if progress else None
+            banks.append(x.index_select(0, self._coreset(x, report)).float().numpy())
+            del x
+        return banks[0], banks[1:], self._n_cells(n_img * h * w)
 
     def _assemble(self, bank: np.ndarray, info: dict[str, Any], cross: tuple[list[float], list[float]] | None,
                   folds: int, t0: float, t2: float) -> PatchCore:
