@@ -126,6 +126,34 @@ def test_one_cell_is_the_exact_greedy_selection():
     assert got.tolist() == greedy_coreset(z, 300, seed=4, method="plain").tolist()
 
 
+def test_cells_run_elsewhere_give_the_same_selection():
+    """A runner that spreads the cells over several groups (as the Ray workers hold them) changes nothing."""
+    import numpy as np
+
+    from patchcore.coreset import CellGroup, cell_coreset, cell_labels
+
+    class TwoWorkers:  # odd cells on one "worker", even on the other, the driver only lowering the radius
+        def __init__(self, cells):
+            self.groups = [CellGroup(cells[0::2]), CellGroup(cells[1::2])]
+            self.calls = 0
+
+        def lower(self, radius):
+            self.calls += 1
+            got = [g.lower(radius) for g in self.groups]
+            return sum(t for t, _ in got), max(d for _, d in got)
+
+        def picks(self):
+            a, b = (g.picks() for g in self.groups)
+            return [p for pair in zip(a, b) for p in pair] + a[len(b):]
+
+    z = clustered(6000, 16, 5)
+    labels = cell_labels(z, 7, seed=1)
+    used = []
+    got = cell_coreset(z, 500, labels, seed=2, runner=lambda cells: used.append(TwoWorkers(cells)) or used[-1])
+    assert used and used[0].calls > 5  # the shared radius was lowered through the runner
+    assert got.tolist() == cell_coreset(z, 500, labels, seed=2).tolist()
+
+
 @settings(max_examples=20, deadline=None)
 @given(n_cells=st.integers(1, 9), per_cell=st.integers(30, 400), frac=st.floats(0.02, 0.4), seed=st.integers(0, 1000))
 def test_cells_far_apart_are_covered_within_twice_the_exact_greedy_radius(n_cells, per_cell, frac, seed):

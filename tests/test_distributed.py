@@ -153,7 +153,7 @@ def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by):
     local = PatchCore(**params).fit(good)
     remote = fit_on_ray(good, params)
     assert remote.shard_by == remote.fit_info_["shard_by"] == shard_by
-    assert remote.fit_info_["ray"] and remote.fit_info_["ray_workers"] >= 1
+    assert remote.fit_info_["ray"] and remote.fit_info_["ray_workers"] >= 1 and remote.fit_info_["coreset_on_workers"]
     # features: the driver selects in k-means cells of ~1,944 features; images: 3 folds of 2 shards
     assert local.fit_info_["shards"] == remote.fit_info_["shards"] == (20 if shard_by == "features" else 6)
     assert_same_bank(remote.memory_bank_, local.memory_bank_)

@@ -243,43 +243,71 @@ class _Cell:
             self.next_dist = math.sqrt(max(float(self.mind[self.next]), 0.0))
 
 
+class CellGroup:
+    """Cells whose greedy loops one worker runs (``n_jobs`` threads, one torch thread each): what
+    :func:`cell_coreset` runs here, and what each Ray worker runs for :mod:`patchcore.distributed`."""
+
+    def __init__(self, cells: Sequence[tuple[torch.Tensor, int]], n_jobs: int | None = 1) -> None:
+        self.cells = [_Cell(z, start) for z, start in cells]
+        self.jobs = max(1, min(len(self.cells), n_jobs or os.cpu_count() or 1))
+
+    def lower(self, radius: float) -> tuple[int, float]:
+        """Run every cell down to ``radius``; returns the centres chosen in all, and the largest distance
+        of a point to its cell's centres (0 once only duplicate points are left)."""
+        todo = [c for c in self.cells if c.next_dist > radius or not c.chosen]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if self.jobs == 1 or len(todo) < 2:
+                for c in todo:
+                    c.run(radius)
+            else:
+                with ThreadPoolExecutor(self.jobs) as pool:
+                    list(pool.map(lambda c: c.run(radius), todo))
+        finally:
+            torch.set_num_threads(threads)
+        return sum(len(c.chosen) for c in self.cells), max((c.next_dist for c in self.cells), default=0.0)
+
+    def picks(self) -> list[tuple[list[int], list[float]]]:
+        """Each cell's centres (indices into the cell) and their selection distances, in choice order."""
+        return [(list(c.chosen), list(c.dist)) for c in self.cells]
+
+
+# Where cell_coreset's cells run: ``runner(cells)`` (each cell's points and first centre) returns an object
+# with CellGroup's ``lower`` and ``picks`` over those cells, in their order (patchcore.distributed: Ray workers).
+CellRunner = Callable[[list[tuple[torch.Tensor, int]]], CellGroup]
+
+
 def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_jobs: int | None = None,
-                 progress: Progress | None = None) -> torch.Tensor:
+                 progress: Progress | None = None, runner: CellRunner | None = None) -> torch.Tensor:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center inside each cell of ``labels``
     (see the module): every cell runs its loop down to a shared radius, which is lowered in small steps
     until the cells hold ``n`` centres between them; the ``n`` centres chosen farthest from the others of
     their cell are kept (the order a single greedy loop over independent cells would choose them in).
-    Cells run ``n_jobs`` at a time (threads, one torch thread each). Deterministic for a seed."""
+    Cells run here, ``n_jobs`` at a time (threads), or where ``runner`` puts them (the selection is the
+    same). Deterministic for a seed."""
     z = z.float().contiguous()
     if not 1 <= n <= len(z):
         raise ValueError(f"coreset size must be between 1 and {len(z)}, got {n}")
     members = [torch.from_numpy(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    cells = [_Cell(z.index_select(0, m), _seeded_start(len(m), seed + i)) for i, m in enumerate(members)]
-    if len(cells) > n:
-        raise ValueError(f"{len(cells)} cells cannot share {n} centres: use fewer cells")
-    jobs = max(1, min(len(cells), n_jobs or os.cpu_count() or 1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(jobs) as pool:
-            def lower(radius: float) -> int:
-                list(pool.map(lambda c: c.run(radius), [c for c in cells if c.next_dist > radius or not c.chosen]))
-                return sum(len(c.chosen) for c in cells)
-
-            total = lower(float("inf"))  # each cell's first centre; the radius starts at the largest gap left
-            radius = max(c.next_dist for c in cells)
-            while total < n and any(c.next_dist > 0.0 for c in cells):  # else only duplicates are left
-                # 5 % steps, then 1 % near the goal: each step's overshoot is selection work thrown away
-                radius *= 0.95 if total < 0.9 * n else 0.99
-                total = lower(radius)
-                if progress is not None:
-                    progress(min(total, n), n)
-            if total < n:  # only duplicates left: they all become centres
-                total = lower(-1.0)
-    finally:
-        torch.set_num_threads(threads)
-    idx = torch.cat([m[torch.tensor(c.chosen, dtype=torch.long)] for c, m in zip(cells, members)])
-    dist = torch.tensor([d for c in cells for d in c.dist], dtype=torch.float64)
+    if len(members) > n:
+        raise ValueError(f"{len(members)} cells cannot share {n} centres: use fewer cells")
+    cells = [(z.index_select(0, m), _seeded_start(len(m), seed + i)) for i, m in enumerate(members)]
+    group = CellGroup(cells, n_jobs) if runner is None else runner(cells)
+    del cells
+    total, gap = group.lower(float("inf"))  # each cell's first centre; the radius starts at the largest gap
+    radius = gap
+    while total < n and gap > 0.0:  # else only duplicates are left
+        # 5 % steps, then 1 % near the goal: each step's overshoot is selection work thrown away
+        radius *= 0.95 if total < 0.9 * n else 0.99
+        total, gap = group.lower(radius)
+        if progress is not None:
+            progress(min(total, n), n)
+    if total < n:  # only duplicates left: they all become centres
+        group.lower(-1.0)
+    picks = group.picks()
+    idx = torch.cat([m[torch.tensor(chosen, dtype=torch.long)] for (chosen, _), m in zip(picks, members)])
+    dist = torch.tensor([d for _, ds in picks for d in ds], dtype=torch.float64)
     keep = torch.argsort(-dist, stable=True)[:n]
     return idx[keep]
 

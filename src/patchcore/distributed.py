@@ -328,6 +328,21 @@ class _ShardWorker:
         picks = select(flat, m.coreset_ratio, m.projection_dim, seed=m.seed + index)
         return flat.index_select(0, picks).float().numpy()
 
+    def load_cells(self, cells: list[tuple[np.ndarray, int]]) -> None:
+        """Take these cells (points, first centre) of a cell selection, replacing the previous selection's."""
+        import torch
+
+        from .coreset import CellGroup
+
+        self.cells = None
+        self.cells = CellGroup([(torch.from_numpy(np.array(z)), start) for z, start in cells], n_jobs=1)
+
+    def lower(self, radius: float) -> tuple[int, float]:
+        return self.cells.lower(radius)
+
+    def picks(self) -> list[tuple[list[int], list[float]]]:
+        return self.cells.picks()
+
     def score(self, index: int, bank: np.ndarray, positions: list[int]) -> tuple[list[float], list[float]]:
         """Scores and map maxima of shard ``index``'s images at ``positions`` against ``bank``."""
         import torch
@@ -342,6 +357,35 @@ class _ShardWorker:
         return [s for s, _ in out], [float(a.max()) for _, a in out]
 
 
+class _RayCells:
+    """The ``lower`` and ``picks`` of :class:`patchcore.coreset.CellGroup` over cells spread on Ray actors
+    (largest cell first, each to the actor with the fewest points), so the shared-radius loop of
+    :func:`patchcore.coreset.cell_coreset` runs on the driver and the cells' greedy loops on the workers."""
+
+    def __init__(self, ray: Any, actors: list[Any], cells: list[tuple[Any, int]]) -> None:
+        load, mine = [0] * len(actors), [[] for _ in actors]
+        for i in sorted(range(len(cells)), key=lambda i: -len(cells[i][0])):
+            a = int(np.argmin(load))
+            mine[a].append(i)
+            load[a] += len(cells[i][0])
+        self.ray = ray
+        self.actors = [a for a, m in zip(actors, mine) if m]
+        self.mine = [m for m in mine if m]
+        ray.get([a.load_cells.remote([(cells[i][0].numpy(), cells[i][1]) for i in m])
+                 for a, m in zip(self.actors, self.mine)])
+
+    def lower(self, radius: float) -> tuple[int, float]:
+        got = self.ray.get([a.lower.remote(radius) for a in self.actors])
+        return sum(t for t, _ in got), max(g for _, g in got)
+
+    def picks(self) -> list[tuple[list[int], list[float]]]:
+        out: list[Any] = [None] * sum(len(m) for m in self.mine)
+        for m, got in zip(self.mine, self.ray.get([a.picks.remote() for a in self.actors])):
+            for i, p in zip(m, got):
+                out[i] = p
+        return out
+
+
 def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, address: str | None = None,
                workers: int | None = None, progress: Callable[[str, int, int], None] | None = None):
     """``PatchCore(**params).fit(images)`` with its work spread over ``workers`` Ray actors (default: one per
@@ -350,8 +394,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
 
     With ``shard_by="features"`` (the default) the actors extract their shards' patch features and send them
     to the driver, which selects the bank and every calibration fold's bank in k-means cells of the feature
-    space, as a local fit does: the selection needs every feature in one place, and it runs on the driver's
-    CPUs. With ``shard_by="images"`` each actor selects its shards' coresets itself and only those travel (the
+    space, as a local fit does: the driver draws the cells and lowers the shared radius, the actors run the
+    cells' greedy loops. With ``shard_by="images"`` each actor selects its shards' coresets itself and only those travel (the
     split that composes, at a cost in accuracy: docs/scaling.md). Either way the actors then score their
     images against their fold's bank for the cross-fitted calibration, and the model is the local fit's with
     the same parameters. A product that fits in one shard is fitted here, as a local fit would."""
@@ -374,7 +418,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         n_workers = max(1, min(len(shards), workers or int(ray.cluster_resources().get("CPU", 1))))
         worker = ray.remote(num_cpus=1)(_ShardWorker)
         # an actor keeps the features of every shard it takes, for the calibration scoring
-        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + PROCESS_BYTES).remote(params)
+        cells = 4 * len(paths) * h * w * model.projection_dim // n_workers if model.shard_by == "features" else 0
+        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + cells + PROCESS_BYTES).remote(params)
                 for _ in range(n_workers)]
         actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
         jobs = [(a, i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
@@ -401,7 +446,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
                 if progress:
                     progress("features", done, len(paths))
             t1 = time.perf_counter()
-            bank, fold_banks, n_parts = model._select_banks(torch.from_numpy(feats), progress)
+            bank, fold_banks, n_parts = model._select_banks(torch.from_numpy(feats), progress,
+                                                            runner=lambda cells: _RayCells(ray, pool, cells))
             del feats
         t2 = time.perf_counter()
         cross = None
@@ -421,4 +467,4 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     return model._assemble(bank, {
         "n_images": len(paths), "n_features": len(paths) * h * w, "feature_dim": int(d), "grid": [h, w],
         "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": model.shard_by, "coreset_seconds": t2 - t1,
-        "skipped": 0, "ray": True, "ray_workers": n_workers}, cross, folds, t0, t2)
+        "skipped": 0, "ray": True, "ray_workers": n_workers, "coreset_on_workers": True}, cross, folds, t0, t2)

@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .backbones import NORMALIZATIONS, LayerTaps, fingerprint, get_backbone, load_backbone
-from .coreset import cell_coreset, cell_labels, coreset_size, random_projection, select, shard_coresets
+from .coreset import CellRunner, cell_coreset, cell_labels, coreset_size, random_projection, select, shard_coresets
 from .errors import ModelFileError, NotFittedError, PatchCoreError
 from .features import crop_border, patch_features
 from .images import PRESETS, ImagesLike, Item, Preprocessing, as_items, iter_loaded
@@ -337,11 +337,12 @@ class PatchCore:
             "coreset_seconds": t2 - t1,
             "skipped": len(self.skipped_)}, cross, folds, t0, t2)
 
-    def _select_banks(self, feats: torch.Tensor, progress: Progress | None
+    def _select_banks(self, feats: torch.Tensor, progress: Progress | None, runner: CellRunner | None = None
                       ) -> tuple[np.ndarray, list[np.ndarray], int]:
         """The memory bank of patch features ``feats`` (N, h, w, D), each calibration fold's bank (none when
-        not cross-fitted) and how many parts the selection was split into (also used by
-        :func:`patchcore.distributed.fit_on_ray`, whose workers extract the features)."""
+        not cross-fitted) and how many parts the selection was split into. Also used by
+        :func:`patchcore.distributed.fit_on_ray`, whose workers extract the features and, through ``runner``
+        (see :func:`patchcore.coreset.cell_coreset`), run the cells."""
         n_img, h, w, d = feats.shape
         folds = min(int(self.calibration_folds), n_img)
         flat = feats.reshape(-1, d)
@@ -366,7 +367,7 @@ class PatchCore:
             x = flat if k == 0 else flat.index_select(0, rows(imgs))
             done = sum(wanted[:k])  # one "coreset" bar over the model's selection and the folds' ones
             report = (lambda i, n, done=done: progress("coreset", done + i, sum(wanted))) if progress else None
-            banks.append(x.index_select(0, self._coreset(x, report)).float().numpy())
+            banks.append(x.index_select(0, self._coreset(x, report, runner)).float().numpy())
             del x
         return banks[0], banks[1:], self._n_cells(n_img * h * w)
 
@@ -408,7 +409,8 @@ class PatchCore:
             return 1
         return max(1, min(self._n_keep(n_features), -(-n_features // max(1, int(self.shard_features) // 4))))
 
-    def _coreset(self, x: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def _coreset(self, x: torch.Tensor, progress: Callable[[int, int], None] | None = None,
+                 runner: CellRunner | None = None) -> torch.Tensor:
         """Indices of the coreset of patch features ``x`` (N, D): exact greedy selection up to
         ``shard_features`` features, greedy selection in k-means cells of the feature space above."""
         n_keep = self._n_keep(len(x))
@@ -419,7 +421,7 @@ class PatchCore:
         if cells == 1:
             return select(x, self.coreset_ratio, self.projection_dim, self.seed, progress=progress)
         z = random_projection(x, self.projection_dim, self.seed)
-        return cell_coreset(z, n_keep, cell_labels(z, cells, self.seed), self.seed, self.n_jobs, progress)
+        return cell_coreset(z, n_keep, cell_labels(z, cells, self.seed), self.seed, self.n_jobs, progress, runner)
 
     def plan_shards(self, n_images: int, per_image: int) -> list[tuple[np.ndarray, int]]:
         """How ``fit`` splits ``n_images`` good images of ``per_image`` patch features each for the coreset:
