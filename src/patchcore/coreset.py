@@ -17,9 +17,11 @@ few. Greedy over independent pieces is the exact greedy selection wherever a poi
 in its own cell; only near cell borders does it choose a little more than needed (measured on screw x 800,
 819k features: coverage radius 15.3 vs 14.55 exact; 63 s on 2 cores for the model's and the 5 calibration
 folds' selections, against 38 min for one exact selection; docs/scaling.md).
-:func:`shard_coresets` instead splits by whole images, which composes across machines (each machine selects
-its images' coreset, the bank is their union, whose radius is the largest shard radius) but spends budget
-on what every shard has (radius 19.9 on screw x 800); :mod:`patchcore.distributed` uses it.
+The cells' loops need only the shared radius from each other, so they can run anywhere (:class:`CellGroup`,
+the ``runner`` of :func:`cell_coreset`; :mod:`patchcore.distributed` runs them on Ray workers).
+:func:`shard_coresets` instead splits by whole images: each shard's coreset is selected on its own and the
+bank is their union, whose radius is the largest shard radius, but each shard spends budget on what every
+shard has (radius 19.9 on screw x 800; ``shard_by="images"``).
 """
 
 from __future__ import annotations

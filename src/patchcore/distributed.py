@@ -395,10 +395,11 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     With ``shard_by="features"`` (the default) the actors extract their shards' patch features and send them
     to the driver, which selects the bank and every calibration fold's bank in k-means cells of the feature
     space, as a local fit does: the driver draws the cells and lowers the shared radius, the actors run the
-    cells' greedy loops. With ``shard_by="images"`` each actor selects its shards' coresets itself and only those travel (the
-    split that composes, at a cost in accuracy: docs/scaling.md). Either way the actors then score their
-    images against their fold's bank for the cross-fitted calibration, and the model is the local fit's with
-    the same parameters. A product that fits in one shard is fitted here, as a local fit would."""
+    cells' greedy loops. With ``shard_by="images"`` each actor selects its shards' coresets itself and only
+    those travel (no machine holds every feature, at a cost in accuracy: docs/scaling.md). Either way the
+    actors then score their images against their fold's bank for the cross-fitted calibration, and the model
+    is the local fit's with the same parameters. A product that fits in one shard is fitted here, as a local
+    fit would."""
     import torch
 
     from .model import PatchCore, shard_fold_banks

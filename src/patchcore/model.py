@@ -108,7 +108,7 @@ class PatchCore:
         space of about ``shard_features / 4`` features, whose greedy loops lower one shared coverage radius
         together (:func:`patchcore.coreset.cell_coreset`; close to the exact selection). ``"images"``: into
         shards of whole images inside the calibration folds, each selecting ``coreset_ratio`` of its own
-        features; this composes across machines (``fit --ray`` uses it) but covers less well.
+        features; only the shards' coresets need to travel between machines, but it covers less well.
     n_jobs: cells or shards selected, and calibration folds scored, at a time (threads; default one per CPU).
     calibration_max_images: most good images the cross-fit scores (drawn evenly from the folds; None: all).
         Scoring an image costs time in proportion to the bank, which grows with the images, so scoring all
