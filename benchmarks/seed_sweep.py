@@ -11,7 +11,9 @@ mode: "cells" (the library's default selection), "exact", or "sharded" (shards o
 coreset ratios; aug: "rot4" / "flip8" adds the quarter turns (and flips) of the training images; variants:
 "eq7" (the library's image score), "max" (largest patch distance), "smax" (peak of the smoothed map),
 "topK" (mean of the K largest patch distances), "knnK" (largest mean distance to the K nearest bank
-features), "knneqK" (that, reweighted by Eq. 7). Rows are appended to out/feature_cache/results.jsonl.
+features), "knneqK" (that, reweighted by Eq. 7); tta: "rot4" also scores the test images' quarter turns
+and reports each variant unturned, averaged over 2 and 4 turns, and at the largest of the 4 (no pixel
+metrics then). Rows are appended to out/feature_cache/results.jsonl.
 Pixel metrics are computed on maps resized to 256 px, the shared images' size.
 """
 import json
@@ -123,7 +125,8 @@ if __name__ == "__main__":
     ds = read_mvtec(DATA / cat)
     labels = [s.label for s in ds.test]
     tr = feats(cat, cfg, params, "train", spec.get("aug"))
-    te = feats(cat, cfg, params, "test")
+    tta = spec.get("tta")  # "rot4": also score the test images' quarter turns and average the image scores
+    te = feats(cat, cfg, params, "test", tta)
     size = (params.get("image_size") or 256)
     variants = spec.get("variants", ["eq7", "max", "smax", "top10", "knn3"])
     for ratio, seed in [(r, sd) for r in spec.get("ratios", [0.1]) for sd in spec.get("seeds", [0])]:
@@ -136,8 +139,14 @@ if __name__ == "__main__":
         row = {"cat": cat, "cfg": cfg, "aug": spec.get("aug"), "ratio": ratio, "mode": spec.get("mode", "sharded"),
                "bank": len(b), "seed": seed, "bank_s": round(tb, 1), "score_s": round(ts, 1)}
         for v in variants:
-            row[v] = round(image_auroc(labels, out[v]), 4)
-        if spec.get("pixel"):
+            if tta:
+                turns = np.array(out[v]).reshape(4, len(labels))
+                row[v], row[v + "_mean2"] = image_auroc(labels, turns[0]), image_auroc(labels, turns[:2].mean(0))
+                row[v + "_mean4"], row[v + "_max4"] = image_auroc(labels, turns.mean(0)), image_auroc(labels, turns.max(0))
+                row.update({k: round(x, 4) for k, x in row.items() if k.startswith(v)})
+            else:
+                row[v] = round(image_auroc(labels, out[v]), 4)
+        if spec.get("pixel") and not tta:
             masks = [load_mask(s.mask) if s.mask else np.zeros((256, 256), bool) for s in ds.test]
             row["pixel"] = round(pixel_auroc(masks, maps), 4)
             row["aupro"] = round(aupro(masks, maps), 4)
