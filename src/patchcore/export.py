@@ -15,7 +15,6 @@ it is an error and nothing is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,6 @@ from .model import PatchCore
 from .postprocess import gaussian_kernel, reflect_index
 from .runtime import EXPORT_FORMAT, EXPORT_VERSION, META_FILE, Runtime, file_sha256
 from .scoring import MemoryBank, support_order
-from .search import CellSearch
 
 ONNX_FILE = "model.onnx"
 FEATURES_FILE, SEARCH_FILE = "features.onnx", "search.npz"
