@@ -141,9 +141,9 @@ if __name__ == "__main__":
         for v in variants:
             if tta:
                 turns = np.array(out[v]).reshape(4, len(labels))
-                row[v], row[v + "_mean2"] = image_auroc(labels, turns[0]), image_auroc(labels, turns[:2].mean(0))
-                row[v + "_mean4"], row[v + "_max4"] = image_auroc(labels, turns.mean(0)), image_auroc(labels, turns.max(0))
-                row.update({k: round(x, 4) for k, x in row.items() if k.startswith(v)})
+                for key, s in ((v, turns[0]), (v + "_mean2", turns[:2].mean(0)), (v + "_mean4", turns.mean(0)),
+                               (v + "_max4", turns.max(0))):
+                    row[key] = round(image_auroc(labels, s), 4)
             else:
                 row[v] = round(image_auroc(labels, out[v]), 4)
         if spec.get("pixel") and not tta:

@@ -412,9 +412,9 @@ def fit(
     backbone_weights: BackboneWeights = None,
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="[ADDRESS]",
-        help="Spread a large product's feature extraction and calibration scoring over Ray workers (the "
-             "coreset is selected here, in k-means cells, as without --ray): a local Ray, or the cluster at "
-             'ADDRESS. Same model as without it. Needs pip install "patchcore[ray]".'
+        help="Spread a large product's feature extraction, coreset cells and calibration scoring over Ray "
+             "workers (this machine gathers the features and coordinates the cells): a local Ray, or the "
+             'cluster at ADDRESS. Same model as without it. Needs pip install "patchcore[ray]".'
     )] = None,
     skip_unreadable: SkipUnreadable = False,
     overwrite: Overwrite = False,

@@ -304,6 +304,7 @@ class _ShardWorker:
         self.model = PatchCore(**{**params, "n_jobs": 1})
         self.model.skipped_ = []
         self.shards: dict[int, tuple[Any, list]] = {}
+        self.cells: Any = None  # the CellGroup of the cell selection under way
 
     def _features(self, index: int, paths: list[str]) -> Any:
         from .images import as_items
@@ -334,7 +335,7 @@ class _ShardWorker:
 
         from .coreset import CellGroup
 
-        self.cells = None
+        self.cells = None  # let the previous selection's points go before the new ones arrive
         self.cells = CellGroup([(torch.from_numpy(np.array(z)), start) for z, start in cells], n_jobs=1)
 
     def lower(self, radius: float) -> tuple[int, float]:
@@ -418,7 +419,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     with cluster(address) as ray:
         n_workers = max(1, min(len(shards), workers or int(ray.cluster_resources().get("CPU", 1))))
         worker = ray.remote(num_cpus=1)(_ShardWorker)
-        # an actor keeps the features of every shard it takes, for the calibration scoring
+        # An actor keeps the features of every shard it takes, for the calibration scoring, and with cells its
+        # share of the projected points (float32) during a selection.
         cells = 4 * len(paths) * h * w * model.projection_dim // n_workers if model.shard_by == "features" else 0
         pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + cells + PROCESS_BYTES).remote(params)
                 for _ in range(n_workers)]
