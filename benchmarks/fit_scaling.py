@@ -5,6 +5,7 @@ A product of N good images is made from a shared category by the 8 flips and qua
 memory is its own. Prints a table and one JSON line per measurement (for docs/scaling.md):
 
     python benchmarks/fit_scaling.py --sizes 200 400 800 1600                  # default fit (k-means cells)
+    python benchmarks/fit_scaling.py --sizes 800 --exchange                    # cells that exchange centres
     python benchmarks/fit_scaling.py --sizes 800 --shard-by images             # shards of whole images (Ray's)
     python benchmarks/fit_scaling.py --sizes 200 400 --exact                   # the exact greedy, for comparison
     python benchmarks/fit_scaling.py --ray-predict 64 --ray-fit-many           # Ray: 1 vs 2 workers
@@ -46,19 +47,20 @@ def product(category: str, n: int) -> np.ndarray:
 
 
 def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str = "features",
-             shard_features: int | None = None) -> dict:
+             shard_features: int | None = None, exchange: bool = False, image_size: int | None = None) -> dict:
     """One fit of an n-image product (in this process): times, bank, peak memory, and optionally AUROCs."""
     from patchcore import PatchCore
     from patchcore.coreset import random_projection
 
     imgs = product(category, n)
     given = {"shard_features": None} if exact else {} if shard_features is None else {"shard_features": shard_features}
-    model = PatchCore(device="cpu", shard_by=shard_by, **given)
+    model = PatchCore(device="cpu", shard_by=shard_by, cell_exchange=exchange, image_size=image_size, **given)
     t0 = time.perf_counter()
     model.fit(imgs)
     wall = time.perf_counter() - t0
     info = model.fit_info_
-    row = {"category": category, "images": n, "exact": exact, "shard_by": shard_by,
+    row = {"category": category, "images": n, "image_size": model._setting("image_size"), "exact": exact,
+           "shard_by": shard_by, "exchange": exchange,
            "shard_features": model.shard_features, "features": info["n_features"],
            "shards": info["shards"], "bank": info["bank_size"], "extract_s": round(info["extract_seconds"], 1),
            "coreset_s": round(info["coreset_seconds"], 1),
@@ -182,6 +184,8 @@ def main() -> None:
     ap.add_argument("--shard-by", default="features", choices=["features", "images"],
                     help="how a large selection is split (PatchCore's shard_by)")
     ap.add_argument("--shard-features", type=int, default=None, help="PatchCore's shard_features (default: its default)")
+    ap.add_argument("--exchange", action="store_true", help="cells that exchange centres (cell_exchange=True)")
+    ap.add_argument("--image-size", type=int, default=None, help="PatchCore's image_size (default: its default)")
     ap.add_argument("--evaluate", action="store_true", help="also coverage radius and AUROCs on the test set")
     ap.add_argument("--ray-predict", type=int, default=0, metavar="N", help="score N images on Ray, 1 vs 2 workers")
     ap.add_argument("--ray-fit-many", action="store_true", help="fit-many bottle+screw on Ray, 1 vs 2 CPUs")
@@ -190,14 +194,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:  # child process: one fit, one JSON line
         print(json.dumps(fit_once(args.category, int(args.one[0]), args.one[1] == "1", args.evaluate,
-                                  args.shard_by, args.shard_features)), flush=True)
+                                  args.shard_by, args.shard_features, args.exchange, args.image_size)), flush=True)
         return
     rows = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--category", args.category, "--one", str(n), "1" if args.exact else "0",
                "--shard-by", args.shard_by] + ([] if args.shard_features is None else
                                                 ["--shard-features", str(args.shard_features)])
-        out = subprocess.run(cmd + (["--evaluate"] if args.evaluate else []), capture_output=True, text=True,
+        cmd += ["--evaluate"] if args.evaluate else []
+        cmd += (["--exchange"] if args.exchange else []) + ([] if args.image_size is None else
+                                                            ["--image-size", str(args.image_size)])
+        out = subprocess.run(cmd, capture_output=True, text=True,
                              check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

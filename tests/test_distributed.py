@@ -142,14 +142,15 @@ def test_without_ray_the_cli_says_how_to_install_it(small_model, tmp_path):
         assert len(r.stderr.strip().splitlines()) <= 3
 
 
-@pytest.mark.parametrize("shard_by", ["features", "images"])
-def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by):
+@pytest.mark.parametrize("shard_by,exchange", [("features", False), ("features", True), ("images", False)])
+def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by, exchange):
+    """With cell_exchange the workers also pass each other's new centres through the driver every step."""
     from patchcore.distributed import fit_on_ray
 
     good = sorted((bottle / "train" / "good").iterdir())[:30]
     # 6 images a shard: 36 x 36 patch features each at the default 288 px
     params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 36 * 36, "device": "cpu",
-              "shard_by": shard_by}
+              "shard_by": shard_by, "cell_exchange": exchange}
     local = PatchCore(**params).fit(good)
     remote = fit_on_ray(good, params)
     assert remote.shard_by == remote.fit_info_["shard_by"] == shard_by

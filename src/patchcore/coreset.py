@@ -16,7 +16,10 @@ together, so a cell holding rare, spread-out features gets as many centres as it
 few. Greedy over independent pieces is the exact greedy selection wherever a point's nearest centre lies
 in its own cell; only near cell borders does it choose a little more than needed (measured on screw x 800,
 819k features: coverage radius 15.3 vs 14.55 exact; 63 s on 2 cores for the model's and the 5 calibration
-folds' selections, against 38 min for one exact selection; docs/scaling.md).
+folds' selections, against 38 min for one exact selection; docs/scaling.md). With the exchange of
+centres between cells (``centroids=``), each cell also hears of its neighbours' centres and checks a point
+against them before making it a centre, which brings the radius to within 0.3 % of the exact selection's
+(14.59 vs 14.55) for about twice the selection time.
 The cells' loops need only the shared radius from each other, so they can run anywhere (:class:`CellGroup`,
 the ``runner`` of :func:`cell_coreset`; :mod:`patchcore.distributed` runs them on Ray workers).
 :func:`shard_coresets` instead splits by whole images: each shard's coreset is selected on its own and the
@@ -205,14 +208,76 @@ def shard_coresets(shards: Sequence[torch.Tensor], ratio: float, dim: int = 128,
         faiss.omp_set_num_threads(omp)
 
 
-def cell_labels(z: torch.Tensor, n_cells: int, seed: int = 0) -> np.ndarray:
-    """The k-means cell (0 .. n_cells - 1) of each point of ``z`` (N, d), trained on a seeded sample."""
+def kmeans_cells(z: torch.Tensor, n_cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The k-means cell (0 .. n_cells - 1) of each point of ``z`` (N, d), trained on a seeded sample, and
+    the cells' centroids (n_cells, d). Each point lies in its nearest centroid's cell."""
     x = np.ascontiguousarray(z.numpy(), dtype=np.float32)
     if n_cells <= 1:
-        return np.zeros(len(x), dtype=np.int64)
+        return np.zeros(len(x), dtype=np.int64), x.mean(0, keepdims=True)
     km = faiss.Kmeans(x.shape[1], int(n_cells), niter=20, seed=seed, max_points_per_centroid=256, verbose=False)
     km.train(x)
-    return km.index.search(x, 1)[1][:, 0].astype(np.int64)
+    return km.index.search(x, 1)[1][:, 0].astype(np.int64), km.centroids.copy()
+
+
+def cell_labels(z: torch.Tensor, n_cells: int, seed: int = 0) -> np.ndarray:
+    """The k-means cell of each point of ``z``: :func:`kmeans_cells` without the centroids."""
+    return kmeans_cells(z, n_cells, seed)[0]
+
+
+class _Heard:
+    """The centres of other cells that one cell has heard of (only those that may reach its points), in the
+    order heard, and for each of the cell's points how many rounds of them it has been checked against.
+
+    A cell checks a point against them only when the point is about to become a centre, i.e. lies farther
+    than the radius from the cell's own centres: most points never get that far, so this costs a fraction of
+    telling every point of every cell about every centre (measured: 2.5x less work on screw x 800)."""
+
+    BATCH = 256  # points checked at once: one matrix product instead of many small ones
+
+    def __init__(self, n_points: int, dim: int) -> None:
+        self.c, self.sq, self.reach = torch.empty(0, dim), torch.empty(0), torch.empty(0)
+        self.n = 0
+        self.starts = [0]  # starts[r]: the first centre heard in round r
+        self.seen = torch.zeros(n_points, dtype=torch.long)  # point i has been checked against rounds < seen[i]
+
+    def add(self, c: torch.Tensor, reach: torch.Tensor) -> None:
+        """Hear centres ``c`` (m, d), each no nearer than ``reach`` to any point of the cell; ends a round."""
+        m = self.n + len(c)
+        if m > len(self.c):  # grow by doubling: the centres heard add up to a few times the cell's centres
+            cap = max(m, 2 * len(self.c), 256)
+            for name in ("c", "sq", "reach"):
+                old = getattr(self, name)
+                new = old.new_empty((cap, *old.shape[1:]))
+                new[:self.n] = old[:self.n]
+                setattr(self, name, new)
+        self.c[self.n:m] = c
+        self.sq[self.n:m] = (c * c).sum(1)
+        self.reach[self.n:m] = reach
+        self.n = m
+        self.starts.append(m)
+
+    def stale(self, i: int) -> bool:
+        return self.starts[int(self.seen[i])] < self.n
+
+    def check(self, cell: _Cell, radius: float) -> None:
+        """Lower the distances of the cell's farthest unchecked points (those beyond ``radius``, the next
+        one among them) by the centres heard since each was last checked."""
+        r2 = radius * radius if radius >= 0 else -1.0
+        todo = torch.nonzero((cell.mind > r2) & (self.seen < len(self.starts) - 1))[:, 0]
+        if len(todo) == 0 or not bool((todo == cell.next).any()):
+            todo = torch.cat([todo, torch.tensor([cell.next])])
+        if len(todo) > self.BATCH:
+            todo = todo[torch.topk(cell.mind[todo], self.BATCH).indices]
+        start = self.starts[int(self.seen[todo].min())]
+        self.seen[todo] = len(self.starts) - 1
+        mind = cell.mind[todo]
+        near = start + torch.nonzero(self.reach[start:self.n].square() < float(mind.max()))[:, 0]
+        if len(near):
+            c = self.c.index_select(0, near)
+            d2 = torch.addmm(self.sq.index_select(0, near)[None], cell.z[todo], c.T, alpha=-2.0)
+            cell.mind[todo] = torch.minimum(mind, d2.add_(cell.sq[todo][:, None]).amin(1))
+        cell.next = int(cell.mind.argmax())
+        cell.next_dist = math.sqrt(max(float(cell.mind[cell.next]), 0.0))
 
 
 class _Cell:
@@ -228,12 +293,16 @@ class _Cell:
         self.next_dist = float("inf")
         self.chosen: list[int] = []
         self.dist: list[float] = []
+        self.heard: _Heard | None = None  # other cells' centres, when the cells exchange them
 
     def run(self, radius: float, limit: int | None = None) -> None:
-        """Add centres until no point lies farther than ``radius`` from them, or ``limit`` (default: every
-        point) are chosen."""
+        """Add centres until no point lies farther than ``radius`` from them (and from the other cells'
+        centres heard of), or ``limit`` (default: every point) are chosen."""
         limit = len(self.z) if limit is None else min(limit, len(self.z))
         while (self.next_dist > radius or not self.chosen) and len(self.chosen) < limit:
+            if self.heard is not None and self.chosen and self.heard.stale(self.next):
+                self.heard.check(self, radius)  # it may lie near another cell's centre: not a centre then
+                continue
             pos = self.next
             self.chosen.append(pos)
             self.dist.append(self.next_dist)
@@ -247,11 +316,17 @@ class _Cell:
 
 class CellGroup:
     """Cells whose greedy loops one worker runs (``n_jobs`` threads, one torch thread each): what
-    :func:`cell_coreset` runs here, and what each Ray worker runs for :mod:`patchcore.distributed`."""
+    :func:`cell_coreset` runs here, and what each Ray worker runs for :mod:`patchcore.distributed`. With
+    ``exchange`` the cells also hear of the other cells' centres (:meth:`hear`)."""
 
-    def __init__(self, cells: Sequence[tuple[torch.Tensor, int]], n_jobs: int | None = 1) -> None:
+    def __init__(self, cells: Sequence[tuple[torch.Tensor, int]], n_jobs: int | None = 1,
+                 exchange: bool = False) -> None:
         self.cells = [_Cell(z, start) for z, start in cells]
         self.jobs = max(1, min(len(self.cells), n_jobs or os.cpu_count() or 1))
+        self.told = [0] * len(self.cells)
+        if exchange:
+            for c in self.cells:
+                c.heard = _Heard(len(c.z), c.z.shape[1])
 
     def lower(self, radius: float) -> tuple[int, float]:
         """Run every cell down to ``radius``; returns the centres chosen in all, and the largest distance
@@ -270,38 +345,114 @@ class CellGroup:
             torch.set_num_threads(threads)
         return sum(len(c.chosen) for c in self.cells), max((c.next_dist for c in self.cells), default=0.0)
 
+    def fresh(self) -> list[torch.Tensor]:
+        """Each cell's centres (points, not indices) chosen since the previous call."""
+        out = []
+        for i, c in enumerate(self.cells):
+            out.append(c.z[torch.tensor(c.chosen[self.told[i]:], dtype=torch.long)])
+            self.told[i] = len(c.chosen)
+        return out
+
+    def hear(self, centres: torch.Tensor, reach: torch.Tensor) -> None:
+        """Other cells' new ``centres`` (m, d); ``reach`` (m, cells) bounds each one's distance to each cell's
+        points from below. A cell keeps those that may come nearer to a point than its largest gap."""
+        for i, c in enumerate(self.cells):
+            near = torch.nonzero(reach[:, i] < c.next_dist)[:, 0]
+            c.heard.add(centres.index_select(0, near), reach[near, i])
+
     def picks(self) -> list[tuple[list[int], list[float]]]:
         """Each cell's centres (indices into the cell) and their selection distances, in choice order."""
         return [(list(c.chosen), list(c.dist)) for c in self.cells]
 
 
-# Where cell_coreset's cells run: ``runner(cells)`` (each cell's points and first centre) returns an object
-# with CellGroup's ``lower`` and ``picks`` over those cells, in their order (patchcore.distributed: Ray workers).
-CellRunner = Callable[[list[tuple[torch.Tensor, int]]], CellGroup]
+# Where cell_coreset's cells run: ``runner(cells, exchange)`` (each cell's points and first centre) returns an
+# object with CellGroup's ``lower``, ``fresh``, ``hear`` and ``picks`` over those cells, in their order
+# (patchcore.distributed: Ray workers).
+CellRunner = Callable[[list[tuple[torch.Tensor, int]], bool], CellGroup]
+
+# With the exchange, the shared radius falls by 2 % a step (instead of 5 %): cells choosing in the same step
+# do not hear of each other's centres, so smaller steps spend less budget twice (screw, 320 images, 40
+# cells: radius 14.61 with 5 % steps, 14.57 with 2 %, 14.55 with 1 %; exact 14.54).
+EXCHANGE_STEP = 0.98
+
+
+def _extents(cells: Sequence[torch.Tensor], mu: torch.Tensor) -> torch.Tensor:
+    """(cells, cells): how far each cell's points reach towards each other cell's centroid, as the largest
+    projection of a point of cell a on the unit vector from centroid a to centroid b."""
+    gap = torch.cdist(mu, mu).clamp_min(1e-12)
+    out = torch.empty(len(mu), len(mu))
+    for a, z in enumerate(cells):
+        proj = z @ mu.T  # p . mu_b for every point p of cell a and every centroid b
+        out[a] = ((proj - proj[:, a:a + 1]) / gap[a]).amax(0)
+    return out
+
+
+def _reach(c: torch.Tensor, owner: torch.Tensor, mu: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """(m, cells): a lower bound on the distance from centre c (of cell ``owner``) to any point of each cell a.
+    With u the unit vector from centroid a to c's centroid b, every point p of a has u.p <= extent[a, b], so
+    |c - p| >= u.c - extent[a, b]. (The bisector of the two centroids, which a k-means cell never crosses,
+    would give a weaker bound: its offset instead of the cell's own extent.) Infinite for c's own cell."""
+    gap = torch.cdist(mu, mu).clamp_min(1e-12)
+    cm = c @ mu.T  # c . mu_a
+    reach = (cm.gather(1, owner[:, None]) - cm) / gap[owner] - extent.T[owner]
+    reach[torch.arange(len(c)), owner] = float("inf")
+    return reach
 
 
 def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_jobs: int | None = None,
-                 progress: Progress | None = None, runner: CellRunner | None = None) -> torch.Tensor:
+                 progress: Progress | None = None, runner: CellRunner | None = None,
+                 centroids: np.ndarray | None = None) -> torch.Tensor:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center inside each cell of ``labels``
     (see the module): every cell runs its loop down to a shared radius, which is lowered in small steps
     until the cells hold ``n`` centres between them; the ``n`` centres chosen farthest from the others of
     their cell are kept (the order a single greedy loop over independent cells would choose them in).
+
+    With the cells' k-means ``centroids`` (row c: the centroid of label c; each point in its nearest
+    centroid's cell) the cells exchange centres: after every step each cell hears of the other cells' new
+    centres that may reach it, and a point about to become a centre is checked against them first. Then
+    budget is no longer spent twice near cell borders, and the coverage radius comes within a few tenths of
+    a percent of the exact greedy selection's (screw x 800: 14.59 against 14.55 exact and 15.29 without;
+    docs/scaling.md) for about 2.5x the selection time.
+
     Cells run here, ``n_jobs`` at a time (threads), or where ``runner`` puts them (the selection is the
     same). Deterministic for a seed."""
     z = z.float().contiguous()
     if not 1 <= n <= len(z):
         raise ValueError(f"coreset size must be between 1 and {len(z)}, got {n}")
-    members = [torch.from_numpy(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    ids = np.unique(labels)
+    members = [torch.from_numpy(np.flatnonzero(labels == c)) for c in ids]
     if len(members) > n:
         raise ValueError(f"{len(members)} cells cannot share {n} centres: use fewer cells")
+    exchange = centroids is not None and len(members) > 1
     cells = [(z.index_select(0, m), _seeded_start(len(m), seed + i)) for i, m in enumerate(members)]
-    group = CellGroup(cells, n_jobs) if runner is None else runner(cells)
+    group = CellGroup(cells, n_jobs, exchange) if runner is None else runner(cells, exchange)
     del cells
+    if exchange:
+        mu = torch.from_numpy(np.asarray(centroids, dtype=np.float32)[ids])
+        extent = _extents([z.index_select(0, m) for m in members], mu)
+
+    def share() -> None:
+        fresh = group.fresh()
+        c = torch.cat(fresh)
+        owner = torch.repeat_interleave(torch.arange(len(fresh)), torch.tensor([len(f) for f in fresh]))
+        group.hear(c, _reach(c, owner, mu, extent))
+
     total, gap = group.lower(float("inf"))  # each cell's first centre; the radius starts at the largest gap
-    radius = gap
+    radius, before = gap, None
     while total < n and gap > 0.0:  # else only duplicates are left
-        # 5 % steps, then 1 % near the goal: each step's overshoot is selection work thrown away
-        radius *= 0.95 if total < 0.9 * n else 0.99
+        if exchange:
+            share()
+            # 2 % steps; then, from half the goal on, steps aimed at 70 % of what is left, estimated from the
+            # last step's growth: a step's overshoot past n is selection work thrown away
+            f = EXCHANGE_STEP
+            if before is not None and total >= 0.5 * n and total > before[1]:
+                growth = max(1.0, math.log(total / before[1]) / math.log(before[0] / radius))
+                f = min(0.999, max(EXCHANGE_STEP, (total / (total + 0.7 * (n - total))) ** (1.0 / growth)))
+            before = (radius, total)
+            radius *= f
+        else:
+            # 5 % steps, then 1 % near the goal: each step's overshoot is selection work thrown away
+            radius *= 0.95 if total < 0.9 * n else 0.99
         total, gap = group.lower(radius)
         if progress is not None:
             progress(min(total, n), n)

@@ -329,17 +329,25 @@ class _ShardWorker:
         picks = select(flat, m.coreset_ratio, m.projection_dim, seed=m.seed + index)
         return flat.index_select(0, picks).float().numpy()
 
-    def load_cells(self, cells: list[tuple[np.ndarray, int]]) -> None:
+    def load_cells(self, cells: list[tuple[np.ndarray, int]], exchange: bool) -> None:
         """Take these cells (points, first centre) of a cell selection, replacing the previous selection's."""
         import torch
 
         from .coreset import CellGroup
 
         self.cells = None  # let the previous selection's points go before the new ones arrive
-        self.cells = CellGroup([(torch.from_numpy(np.array(z)), start) for z, start in cells], n_jobs=1)
+        self.cells = CellGroup([(torch.from_numpy(np.array(z)), start) for z, start in cells], 1, exchange)
 
     def lower(self, radius: float) -> tuple[int, float]:
         return self.cells.lower(radius)
+
+    def fresh(self) -> list[np.ndarray]:
+        return [c.numpy() for c in self.cells.fresh()]
+
+    def hear(self, centres: np.ndarray, reach: np.ndarray) -> None:
+        import torch
+
+        self.cells.hear(torch.from_numpy(np.array(centres)), torch.from_numpy(np.array(reach)))  # writable copies
 
     def picks(self) -> list[tuple[list[int], list[float]]]:
         return self.cells.picks()
@@ -363,7 +371,7 @@ class _RayCells:
     (largest cell first, each to the actor with the fewest points), so the shared-radius loop of
     :func:`patchcore.coreset.cell_coreset` runs on the driver and the cells' greedy loops on the workers."""
 
-    def __init__(self, ray: Any, actors: list[Any], cells: list[tuple[Any, int]]) -> None:
+    def __init__(self, ray: Any, actors: list[Any], cells: list[tuple[Any, int]], exchange: bool) -> None:
         load, mine = [0] * len(actors), [[] for _ in actors]
         for i in sorted(range(len(cells)), key=lambda i: -len(cells[i][0])):
             a = int(np.argmin(load))
@@ -372,12 +380,26 @@ class _RayCells:
         self.ray = ray
         self.actors = [a for a, m in zip(actors, mine) if m]
         self.mine = [m for m in mine if m]
-        ray.get([a.load_cells.remote([(cells[i][0].numpy(), cells[i][1]) for i in m])
+        ray.get([a.load_cells.remote([(cells[i][0].numpy(), cells[i][1]) for i in m], exchange)
                  for a, m in zip(self.actors, self.mine)])
 
     def lower(self, radius: float) -> tuple[int, float]:
         got = self.ray.get([a.lower.remote(radius) for a in self.actors])
         return sum(t for t, _ in got), max(g for _, g in got)
+
+    def fresh(self) -> list[Any]:
+        import torch
+
+        out: list[Any] = [None] * sum(len(m) for m in self.mine)
+        for m, got in zip(self.mine, self.ray.get([a.fresh.remote() for a in self.actors])):
+            for i, c in zip(m, got):
+                out[i] = torch.from_numpy(np.array(c))  # a writable copy of Ray's read-only array
+        return out
+
+    def hear(self, centres: Any, reach: Any) -> None:
+        """Every actor hears of all new centres, with the bounds of its own cells."""
+        c = self.ray.put(centres.numpy())
+        self.ray.get([a.hear.remote(c, reach[:, m].numpy()) for a, m in zip(self.actors, self.mine)])
 
     def picks(self) -> list[tuple[list[int], list[float]]]:
         out: list[Any] = [None] * sum(len(m) for m in self.mine)
@@ -450,7 +472,7 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
                     progress("features", done, len(paths))
             t1 = time.perf_counter()
             bank, fold_banks, n_parts = model._select_banks(torch.from_numpy(feats), progress,
-                                                            runner=lambda cells: _RayCells(ray, pool, cells))
+                                                            runner=lambda cells, ex: _RayCells(ray, pool, cells, ex))
             del feats
         t2 = time.perf_counter()
         cross = None
