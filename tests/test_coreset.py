@@ -130,8 +130,6 @@ def test_one_cell_is_the_exact_greedy_selection():
 def test_cells_run_elsewhere_give_the_same_selection(exchange):
     """A runner that spreads the cells over several groups (as the Ray workers hold them) changes nothing,
     with or without the exchange of centres between cells."""
-    import numpy as np
-
     from patchcore.coreset import CellGroup, cell_coreset, kmeans_cells
 
     def interleave(a, b):
