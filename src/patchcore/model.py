@@ -375,8 +375,8 @@ class PatchCore:
             done = sum(wanted[:k])  # one "coreset" bar over the model's selection and the folds' ones
             report = (lambda i, n, done=done: progress("coreset", done + i, sum(wanted))) if progress else None
             # Only the model's own bank exchanges centres between cells (cell_exchange): the folds' banks
-            # cover 4-5 % less tightly, so the calibration errs on the side of fewer false alarms, for a
-            # third of the time the exchange would cost over all six selections.
+            # cover 4-5 % less tightly, so the calibration errs on the side of fewer false alarms (800
+            # images at 288 px: 13 s more than without it, against 91 s with it in all six selections).
             picks = self._coreset(x, report, runner, exchange=self.cell_exchange and k == 0)
             banks.append(x.index_select(0, picks).float().numpy())
             del x
