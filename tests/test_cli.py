@@ -194,6 +194,19 @@ def test_unreadable_good_image_is_an_error_unless_skipped(bottle, tmp_path):
     assert "guarantee" in res.stdout and cal["statement"]  # the calibration's own sentence
 
 
+def test_rotations_option_fits_turns_and_refuses_bad_angles(bottle, tmp_path):
+    good = link_images(bottle / "train" / "good", tmp_path / "good", train_names(bottle, 4))
+    for bad, needle in (("45", "rotations must be distinct quarter turns"), ("ninety", "--rotations takes")):
+        assert_one_line_error(run("fit", good, "-o", tmp_path / "bad.safetensors", "--rotations", bad, ok=False),
+                              needle)
+    assert not (tmp_path / "bad.safetensors").exists()
+    run("fit", good, "-o", tmp_path / "m.safetensors", "--rotations", "90,270", "--folds", "2", "--image-size", "96")
+    info = json.loads(run("info", tmp_path / "m.safetensors", "--json").stdout)
+    assert info["params"]["rotations"] == [90, 270] and info["fit_info"]["turns"] == 3
+    assert info["fit_info"]["n_features"] == 4 * 3 * 12 * 12
+    assert "fitted turns (degrees)" in run("info", tmp_path / "m.safetensors").stdout
+
+
 def test_subprocess_entry_point_help_and_error(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("OMP_WAIT_POLICY", None)

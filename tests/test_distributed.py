@@ -142,21 +142,25 @@ def test_without_ray_the_cli_says_how_to_install_it(small_model, tmp_path):
         assert len(r.stderr.strip().splitlines()) <= 3
 
 
-@pytest.mark.parametrize("shard_by,exchange", [("features", False), ("features", True), ("images", False)])
-def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by, exchange):
-    """With cell_exchange the workers also pass each other's new centres through the driver every step."""
+@pytest.mark.parametrize("shard_by,exchange,rotations", [
+    ("features", False, ()), ("features", True, ()), ("images", False, ()), ("images", False, (180,))])
+def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by, exchange, rotations):
+    """With cell_exchange the workers also pass each other's new centres through the driver every step; with
+    rotations the workers extract each image's turns too, and a shard keeps them with their image."""
     from patchcore.distributed import fit_on_ray
 
     good = sorted((bottle / "train" / "good").iterdir())[:30]
-    # 6 images a shard: 36 x 36 patch features each at the default 288 px
+    # 6 images a shard: 36 x 36 patch features each at the default 288 px (3 images with a turn each)
     params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 36 * 36, "device": "cpu",
-              "shard_by": shard_by, "cell_exchange": exchange}
+              "shard_by": shard_by, "cell_exchange": exchange, "rotations": rotations}
     local = PatchCore(**params).fit(good)
     remote = fit_on_ray(good, params)
     assert remote.shard_by == remote.fit_info_["shard_by"] == shard_by
     assert remote.fit_info_["ray"] and remote.fit_info_["ray_workers"] >= 1 and remote.fit_info_["coreset_on_workers"]
-    # features: the driver selects in k-means cells of ~1,944 features; images: 3 folds of 2 shards
-    assert local.fit_info_["shards"] == remote.fit_info_["shards"] == (20 if shard_by == "features" else 6)
+    assert remote.fit_info_["turns"] == local.fit_info_["turns"] == 1 + len(rotations)
+    # features: the driver selects in k-means cells of ~1,944 features; images: 3 folds of 2 shards (4 with turns)
+    assert local.fit_info_["shards"] == remote.fit_info_["shards"] == (
+        20 if shard_by == "features" else 6 * (1 + len(rotations)))
     assert_same_bank(remote.memory_bank_, local.memory_bank_)
     assert remote.threshold_ == pytest.approx(local.threshold_, rel=1e-3)
     assert remote.calibration_["n"] == local.calibration_["n"] == 30

@@ -64,7 +64,7 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     loaded = PatchCore.load(path)
     assert loaded.get_params() | {"device": "auto"} == model.get_params() | {  # the preset's choices, written out
         "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16,
-        "normalization": "tf", "image_size": model.preprocessing.resize[0]}
+        "normalization": "tf", "image_size": model.preprocessing.resize[0], "rotations": ()}
     some = [s.path for s in bottle.test[::10]]
     again, same = loaded.predict(some), model.predict(some)
     for p, q, r in zip(preds[::10], again, same):
@@ -262,3 +262,49 @@ def test_fit_cross_fits_a_calibration_score_for_every_good_image(bottle, tmp_pat
     assert again.threshold_ == val.threshold and again.calibration_["statement"] == val.statement
     with pytest.raises(PatchCoreError, match="no cross-fitted scores"):
         plain.calibrate(target_far=0.1)
+
+
+# ---------------------------------------------------------------------------------------- rotations
+def test_rotations_fit_each_good_image_turned_too(bottle):
+    """With every feature kept, the bank fitted with rotations is the bank of the images and their turns."""
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in bottle.train[:2]]
+    turned = PatchCore(coreset_ratio=1.0, calibration_folds=0, rotations=(90, 270)).fit(arrays)
+    by_hand = PatchCore(coreset_ratio=1.0, calibration_folds=0).fit(
+        [np.ascontiguousarray(np.rot90(a, k)) for a in arrays for k in (0, 1, 3)])
+    assert turned.fit_info_["turns"] == 3 and turned.fit_info_["n_images"] == 2
+    assert turned.memory_bank_.shape == by_hand.memory_bank_.shape == (2 * 3 * 36 * 36, 152)
+    np.testing.assert_allclose(turned.memory_bank_, by_hand.memory_bank_, atol=1e-3)
+    # Scoring does not turn: an image scores as the unturned model scores it against the same bank.
+    plain = PatchCore(coreset_ratio=1.0, calibration_folds=0).fit(arrays)
+    assert plain.memory_bank_.shape[0] * 3 == turned.memory_bank_.shape[0]
+    test = [bottle.test[-1].path]
+    assert turned.score_samples(test)[0] <= plain.score_samples(test)[0] + 1e-4
+
+
+def test_rotations_keep_an_image_and_its_turns_in_one_calibration_fold(bottle):
+    """Each held-out image is scored, unturned, against a bank fitted from the other folds' images and their
+    turns only: its own turned copy, which would score it too low, is never in its fold's bank."""
+    imgs = bottle.train[:8]
+    params = {"coreset_ratio": 1.0, "rotations": (180,), "seed": 3}
+    model = PatchCore(calibration_folds=4, calibration_max_images=None, **params).fit(imgs)
+    folds, scored = model.calibration_split(8, 4)
+    expect = {}
+    for held, fold_scored in zip(folds, scored):
+        rest = PatchCore(calibration_folds=0, **params).fit([imgs[i] for i in np.setdiff1d(np.arange(8), held)])
+        expect.update(zip(fold_scored.tolist(), rest.score_samples([imgs[i] for i in fold_scored])))
+    order = [int(i) for s in scored for i in s]
+    np.testing.assert_allclose(model.calibration_["scores"], [expect[i] for i in order], rtol=1e-4)
+
+
+def test_rotations_are_checked_saved_and_chosen_by_the_accurate_preset(bottle, tmp_path):
+    assert PatchCore().turns == (0,) and PatchCore(preset="accurate").turns == (0, 1, 2)
+    assert PatchCore(preset="accurate", rotations=()).turns == (0,)
+    for bad in ((45,), (90, 90), (0,), "90"):
+        with pytest.raises(PatchCoreError, match="rotations must be"):
+            PatchCore(rotations=bad)
+    model = PatchCore(preset="accurate", image_size=96, coreset_ratio=0.2, calibration_folds=0
+                      ).fit(bottle.train[:3])
+    loaded = PatchCore.load(model.save(tmp_path / "m.safetensors"))
+    assert loaded.rotations == (90, 180) and loaded.fit_info_["turns"] == 3
+    test = [bottle.test[0].path]
+    assert loaded.score_samples(test)[0] == model.score_samples(test)[0]

@@ -278,6 +278,7 @@ _load_model = load_model  # the library's: friendly errors for a folder or a dam
 PARAM_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "score neighbours (Eq. 7 b)",
                 "sigma": "map smoothing (sigma, px)", "target_dim": "feature width", "coreset_ratio": "coreset ratio",
                 "projection_dim": "coreset projection width", "border_pad": "border padding (px)",
+                "rotations": "fitted turns (degrees)",
                 "calibration_folds": "calibration folds"}
 
 
@@ -288,7 +289,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_show(v) for v in value)
+        return ", ".join(_show(v) for v in value) if value else "none"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -306,11 +307,23 @@ def _image_error_hint(e: ImageError) -> CliError:
     return CliError(f"{e}; pass --skip-unreadable to leave unreadable images out (they are listed)")
 
 
+def _rotations(text: str | None) -> tuple[int, ...] | None:
+    """--rotations "90,180" (or "none") as the constructor takes it; None leaves it to the preset."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "0", ""):
+        return ()
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(","))
+    except ValueError:
+        raise CliError(f"--rotations takes degrees separated by commas, such as 90,180, or none; got {text!r}") from None
+
+
 def _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device, batch_size,
-                  backbone_weights, border_pad=None) -> dict[str, Any]:
+                  backbone_weights, border_pad=None, rotations=None) -> dict[str, Any]:
     p = {"backbone": backbone, "coreset_ratio": coreset_ratio, "preset": preset, "image_size": image_size,
          "num_neighbors": num_neighbors, "sigma": sigma, "seed": seed, "device": device, "batch_size": batch_size,
-         "border_pad": border_pad}
+         "border_pad": border_pad, "rotations": _rotations(rotations)}
     if backbone_weights is not None:
         if not backbone_weights.is_file():
             raise CliError(f"{backbone_weights}: no such weights file")
@@ -347,9 +360,13 @@ Backbone = Annotated[Optional[str], typer.Option(help="Feature extractor: effici
                                                       "preset's.")]
 CoresetRatio = Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank (0-1]; "
                                                   "smaller is faster, 0.01-0.1 is typical.")]
-Preset = Annotated[str, typer.Option(help="'full' scores the whole image resized to 288; 'accurate' spends "
-                                          "more time per image on small defects; 'paper' resizes to 256 and "
-                                          "centre-crops 224 (borders unseen), as the paper's table was made.")]
+Preset = Annotated[str, typer.Option(help="'full' scores the whole image resized to 288; 'accurate' also fits "
+                                          "the good images turned 90 and 180 degrees (about twice the time per "
+                                          "image); 'paper' resizes to 256 and centre-crops 224 (borders unseen), "
+                                          "as the paper's table was made.")]
+Rotations = Annotated[Optional[str], typer.Option(help="Quarter turns of every good image that are fitted too, "
+                                                       "in degrees: e.g. 90,180 or none (default: the preset's). "
+                                                       "For parts that come at any angle.")]
 BorderPad = Annotated[Optional[int], typer.Option(help="Pixels of reflection padding around the network input "
                                                        "(multiple of 16; 0 = none; default: the preset's).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Side the image is resized to (overrides the preset's "
@@ -404,6 +421,7 @@ def fit(
     preset: Preset = "full",
     image_size: ImageSize = None,
     border_pad: BorderPad = None,
+    rotations: Rotations = None,
     num_neighbors: NumNeighbors = 9,
     sigma: Sigma = 4.0,
     seed: Seed = 0,
@@ -458,7 +476,7 @@ def fit(
     if not skip_unreadable:
         _check_headers(goods + (val_imgs or []) + (defect_imgs or []))
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
-                           batch_size, backbone_weights, border_pad)
+                           batch_size, backbone_weights, border_pad, rotations)
     # With a validation folder the cross-fit would be thrown away: skip its cost.
     params.update(target_far=target_far, calibration_folds=0 if val_imgs is not None else folds)
     model = PatchCore(**params)
@@ -553,6 +571,7 @@ def fit_many_cmd(
     preset: Preset = "full",
     image_size: ImageSize = None,
     border_pad: BorderPad = None,
+    rotations: Rotations = None,
     num_neighbors: NumNeighbors = 9,
     sigma: Sigma = 4.0,
     seed: Seed = 0,
@@ -576,7 +595,7 @@ def fit_many_cmd(
     if not 0.0 < target_far < 1.0:
         raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, "cpu",
-                           batch_size, None, border_pad)
+                           batch_size, None, border_pad, rotations)
     params["target_far"] = target_far
     from .model import PatchCore
 
@@ -892,6 +911,7 @@ def evaluate(
     preset: Preset = "full",
     image_size: ImageSize = None,
     border_pad: BorderPad = None,
+    rotations: Rotations = None,
     num_neighbors: NumNeighbors = 9,
     sigma: Sigma = 4.0,
     seed: Seed = 0,
@@ -916,7 +936,7 @@ def evaluate(
     if not 0.0 < target_far < 1.0:
         raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
     params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
-                           batch_size, backbone_weights, border_pad)
+                           batch_size, backbone_weights, border_pad, rotations)
     params.update(target_far=target_far, calibration_folds=folds)
     folders = find_categories(data, category)
     sections = []
@@ -1039,7 +1059,8 @@ def info(
     for k, v in model.get_params().items():
         t.add_row(PARAM_LABELS.get(k, k.replace("_", " ")), Text(_show(v)))
     fi = model.fit_info_
-    t.add_row("fitted on", f"{fi.get('n_images')} images, memory bank {fi.get('bank_size')} x "
+    turns = f" (each also turned: {fi['turns']} views)" if fi.get("turns", 1) > 1 else ""
+    t.add_row("fitted on", f"{fi.get('n_images')} images{turns}, memory bank {fi.get('bank_size')} x "
                            f"{fi.get('feature_dim')}, {fi.get('fit_seconds', 0):.1f} s")
     if model.threshold_ is None:
         t.add_row("threshold", "none (not calibrated: `patchcore predict` needs --threshold)")

@@ -230,9 +230,10 @@ def fit_memory(n_images: int, patches_per_image: int, width: int) -> int:
     return int(2 * 4 * patches_per_image * width * n_images + PROCESS_BYTES)
 
 
-def patch_shape(params: dict[str, Any]) -> tuple[int, int, int]:
-    """(grid height, grid width, feature width) of the patch features of a model with ``params``: one forward
-    pass of a blank image (every image is resized to the same input, so every image gives this grid)."""
+def patch_shape(params: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(turns, grid height, grid width, feature width) of the patch features a model with ``params`` fits on
+    per good image: one forward pass of a blank image (every image is resized to the same input, so every
+    image gives this grid) and the number of its ``turns`` (each a grid of its own)."""
     from .images import as_items
     from .model import PatchCore
 
@@ -240,7 +241,7 @@ def patch_shape(params: dict[str, Any]) -> tuple[int, int, int]:
     model.skipped_ = []
     h, w = model.preprocessing.input_size
     feats, _ = model._extract(as_items([np.zeros((h, w, 3), np.uint8)]), False, None)
-    return int(feats.shape[1]), int(feats.shape[2]), int(feats.shape[3])
+    return len(model.turns), int(feats.shape[1]), int(feats.shape[2]), int(feats.shape[3])
 
 
 def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dict[str, Any], *,
@@ -262,9 +263,9 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
                 progress(results[p.name])
     else:
         with cluster(address) as ray:
-            h, w, d = patch_shape(params)
+            t, h, w, d = patch_shape(params)
             task = ray.remote(num_cpus=1)(_fit_task)
-            refs = {task.options(memory=fit_memory(len(good_images(p)), h * w, d),
+            refs = {task.options(memory=fit_memory(len(good_images(p)), t * h * w, d),
                                  name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite): p.name
                     for p in products}
             pending = list(refs)
@@ -310,11 +311,11 @@ class _ShardWorker:
         from .images import as_items
 
         if index not in self.shards:
-            self.shards[index] = self.model._extract(as_items(paths), False, None)
+            self.shards[index] = self.model._extract(as_items(paths), False, None, turned=True)
         return self.shards[index][0]
 
     def extract(self, index: int, paths: list[str]) -> tuple[np.ndarray, list]:
-        """Shard ``index``'s patch features (n, h, w, D) and image sizes, as ``PatchCore._extract`` gives them."""
+        """Shard ``index``'s patch features (n, T, h, w, D) and image sizes, as ``PatchCore._extract`` gives them."""
         feats = self._features(index, paths)
         return feats.numpy(), self.shards[index][1]
 
@@ -361,7 +362,7 @@ class _ShardWorker:
         if not positions:
             return [], []
         feats, sizes = self.shards[index]
-        out = list(self.model._score(MemoryBank(bank), feats[torch.tensor(positions)].float(),
+        out = list(self.model._score(MemoryBank(bank), feats[torch.tensor(positions), 0].float(),
                                      [sizes[i] for i in positions]))
         return [s for s, _ in out], [float(a.max()) for _, a in out]
 
@@ -431,19 +432,19 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     model = PatchCore(**params)
     model._check_params()
     model.skipped_ = []
-    h, w, d = patch_shape(params)
-    shards = model.plan_shards(len(paths), h * w)
+    t, h, w, d = patch_shape(params)
+    shards = model.plan_shards(len(paths), t * h * w)
     if len(shards) == 1:
         return model.fit(paths, progress=progress)
     folds = min(int(model.calibration_folds), len(paths))
     t0 = time.perf_counter()
-    per_shard = fit_memory(max(len(i) for i, _ in shards), h * w, d) - PROCESS_BYTES
+    per_shard = fit_memory(max(len(i) for i, _ in shards), t * h * w, d) - PROCESS_BYTES
     with cluster(address) as ray:
         n_workers = max(1, min(len(shards), workers or int(ray.cluster_resources().get("CPU", 1))))
         worker = ray.remote(num_cpus=1)(_ShardWorker)
         # An actor keeps the features of every shard it takes, for the calibration scoring, and with cells its
         # share of the projected points (float32) during a selection.
-        cells = 4 * len(paths) * h * w * model.projection_dim // n_workers if model.shard_by == "features" else 0
+        cells = 4 * len(paths) * t * h * w * model.projection_dim // n_workers if model.shard_by == "features" else 0
         pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + cells + PROCESS_BYTES).remote(params)
                 for _ in range(n_workers)]
         actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
@@ -490,6 +491,7 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         for a in pool:
             ray.kill(a)
     return model._assemble(bank, {
-        "n_images": len(paths), "n_features": len(paths) * h * w, "feature_dim": int(d), "grid": [h, w],
+        "n_images": len(paths), "n_features": len(paths) * t * h * w, "feature_dim": int(d), "grid": [h, w],
+        "turns": t,
         "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": model.shard_by, "coreset_seconds": t2 - t1,
         "skipped": 0, "ray": True, "ray_workers": n_workers, "coreset_on_workers": True}, cross, folds, t0, t2)

@@ -151,6 +151,7 @@ PRESETS: dict[str, Preprocessing] = {
     "full": Preprocessing(resize=(288, 288)),
     # The paper's protocol (resize 256, centre crop 224), for reproducing its table.
     "paper": Preprocessing(resize=(256, 256), crop=(224, 224)),
-    # More pixels per defect, for users who can spend more time per image (model.PRESET_SETTINGS).
-    "accurate": Preprocessing(resize=(320, 320)),
+    # The default's input; what makes it accurate is in model.PRESET_SETTINGS (the good images' turns fitted
+    # too). 320 px was this preset before (docs/benchmarks.md, sections 11 and 13).
+    "accurate": Preprocessing(resize=(288, 288)),
 }

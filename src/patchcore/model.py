@@ -63,10 +63,11 @@ def shard_fold_banks(parts: list[np.ndarray], shard_folds: list[int], folds: int
 # argument wins. "paper" reproduces the paper's protocol, whose code pads nothing; see docs/benchmarks.md for
 # how "full" (the default) and "accurate" were chosen.
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"backbone": "efficientnet_lite0", "border_pad": 16},
-    "paper": {"backbone": "efficientnet_lite0", "border_pad": 0},
-    "accurate": {"backbone": "efficientnet_lite0", "border_pad": 16},
+    "full": {"backbone": "efficientnet_lite0", "border_pad": 16, "rotations": ()},
+    "paper": {"backbone": "efficientnet_lite0", "border_pad": 0, "rotations": ()},
+    "accurate": {"backbone": "efficientnet_lite0", "border_pad": 16, "rotations": (90, 180)},
 }
+ROTATIONS = (90, 180, 270)
 
 
 class PatchCore:
@@ -79,7 +80,8 @@ class PatchCore:
         joined by "+", whose patch features are concatenated (an ensemble); default: the preset's.
     layers: module names to tap; default: the backbone's two (stride 8 and 16, the paper's layer 2 + 3).
     preset: ``"full"`` scores the whole image resized to 288 (default, nothing at the border is lost);
-        ``"accurate"`` spends more time per image for accuracy on small defects (docs/benchmarks.md);
+        ``"accurate"`` also fits the good images turned 90 and 180 degrees (``rotations``), for about twice
+        the time per image (docs/benchmarks.md, section 13);
         ``"paper"`` resizes to 256 and centre-crops 224 without border padding, as the paper's table was made.
     image_size: side the image is resized to (overrides the preset's); crop_size: side of the centre crop.
     target_dim: patch feature width; wider features are reduced to it by adaptive average pooling.
@@ -98,6 +100,11 @@ class PatchCore:
         padding are cut away before the neighbourhood aggregation, so the network computes border features
         from image-like context instead of its own zero padding (a multiple of the deepest tapped layer's
         stride, 16; 0 turns it off; default: the preset's, 16, or 0 for "paper"). Measured: docs/benchmarks.md.
+    rotations: quarter turns (degrees: 90, 180, 270) of every good image whose patch features join the memory
+        bank too, so the bank covers parts seen at other angles than the good images show; costs fit time and
+        time per image in proportion to the bank (default: the preset's; ``"accurate"`` turns 90 and 180).
+        Only fitting uses them: new images are scored as they come, and the cross-fitted calibration keeps an
+        image's turns in its fold, so no held-out image is scored against its own turned copy.
     target_far: the false-alarm rate on good images that the threshold is calibrated for (see thresholds).
     calibration_folds: k of the k-fold cross-fitting that gives every good image of the fit a calibration
         score (0 or 1: fit without a threshold; calibrate later with :meth:`calibrate`).
@@ -126,7 +133,7 @@ class PatchCore:
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, storage_dtype: str = "float32",
                  backbone_weights: str | os.PathLike | None = None, normalization: str = "auto",
-                 border_pad: int | None = None, target_far: float = 0.01, calibration_folds: int = 5,
+                 border_pad: int | None = None, rotations: tuple[int, ...] | None = None, target_far: float = 0.01, calibration_folds: int = 5,
                  shard_features: int | None = SHARD_FEATURES, shard_by: str = "features",
                  cell_exchange: bool = False, n_jobs: int | None = None,
                  calibration_max_images: int | None = 256) -> None:
@@ -147,6 +154,7 @@ class PatchCore:
         self.backbone_weights = backbone_weights
         self.normalization = normalization
         self.border_pad = border_pad
+        self.rotations = rotations
         self.target_far = target_far
         self.calibration_folds = calibration_folds
         self.shard_features = shard_features
@@ -167,7 +175,7 @@ class PatchCore:
         return {k: getattr(self, k) for k in (
             "backbone", "layers", "preset", "image_size", "crop_size", "target_dim", "coreset_ratio",
             "projection_dim", "num_neighbors", "sigma", "seed", "device", "batch_size", "storage_dtype",
-            "backbone_weights", "normalization", "border_pad", "target_far", "calibration_folds",
+            "backbone_weights", "normalization", "border_pad", "rotations", "target_far", "calibration_folds",
             "shard_features", "shard_by", "cell_exchange", "n_jobs", "calibration_max_images")}
 
     def _setting(self, name: str) -> Any:
@@ -219,6 +227,18 @@ class PatchCore:
         p = self.preprocessing
         if p.crop is not None and (p.crop[0] > p.resize[0] or p.crop[1] > p.resize[1]):
             raise PatchCoreError(f"crop {p.crop} is larger than the resized image {p.resize}")
+        rot = self._setting("rotations")
+        if (isinstance(rot, (str, bytes)) or not all(isinstance(r, (int, np.integer)) and r in ROTATIONS for r in rot)
+                or len(set(rot)) != len(rot)):
+            raise PatchCoreError(f"rotations must be distinct quarter turns among {', '.join(map(str, ROTATIONS))} "
+                                 f"(degrees), got {self.rotations!r}")
+        if rot and p.input_size[0] != p.input_size[1]:
+            raise PatchCoreError(f"rotations need a square network input, got {p.input_size}")
+
+    @property
+    def turns(self) -> tuple[int, ...]:
+        """The quarter turns each good image is fitted at (0 first: the image as it comes)."""
+        return (0,) + tuple(int(r) // 90 for r in self._setting("rotations"))
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -288,17 +308,17 @@ class PatchCore:
             self._net = (members, fp)
         return self._net
 
-    def _batches(self, items: list[Item], skip_unreadable: bool, skipped: list[tuple[str, str]]
+    def _batches(self, items: list[Item], skip_unreadable: bool, skipped: list[tuple[str, str]],
+                 turns: tuple[int, ...] | None = None
                  ) -> Iterator[tuple[list[Item], list[np.ndarray], torch.Tensor]]:
-        """Patch features (N, h, w, D) of consecutive batches, with the items and their RGB arrays."""
+        """Patch features (N, h, w, D) of consecutive batches, with the items and their RGB arrays; with
+        ``turns`` (quarter turns), (N, len(turns), h, w, D): the features of the network input turned so."""
         members, _ = self._network()
         pre = self.preprocessing
         pad = int(self._setting("border_pad"))
         batch: list[tuple[Item, np.ndarray]] = []
 
-        def run(batch):
-            imgs = [a for _, a in batch]
-            x0 = pre(imgs)
+        def features(x0: torch.Tensor) -> torch.Tensor:
             feats = []
             with torch.inference_mode():
                 for taps, mean, std in members:
@@ -307,7 +327,14 @@ class PatchCore:
                         x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
                     fmaps = [crop_border(f, pad, x.shape[-2:]) for f in taps(x)]
                     feats.append(patch_features(fmaps, self.target_dim).cpu())
-            return [it for it, _ in batch], imgs, feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+            return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+        def run(batch):
+            imgs = [a for _, a in batch]
+            x0 = pre(imgs)
+            feats = features(x0) if turns is None else torch.stack(
+                [features(torch.rot90(x0, k, dims=(2, 3)) if k else x0) for k in turns], dim=1)
+            return [it for it, _ in batch], imgs, feats
 
         for pair in iter_loaded(items, skip_unreadable, skipped):
             batch.append(pair)
@@ -331,34 +358,38 @@ class PatchCore:
         items = as_items(images)
         self.skipped_: list[tuple[str, str]] = []
         t0 = time.perf_counter()
-        feats, sizes = self._extract(items, skip_unreadable, progress)
+        feats, sizes = self._extract(items, skip_unreadable, progress, turned=True)
         t1 = time.perf_counter()
-        n_img, h, w, d = feats.shape
+        n_img, n_turns, h, w, d = feats.shape
         folds = min(int(self.calibration_folds), n_img)
         bank, fold_banks, n_parts = self._select_banks(feats, progress)
         t2 = time.perf_counter()
-        cross = self._cross_fit(feats, sizes, fold_banks, progress) if folds >= 2 else None
+        # New images are scored as they come, so the calibration scores the images unturned.
+        cross = self._cross_fit(feats[:, 0], sizes, fold_banks, progress) if folds >= 2 else None
         return self._assemble(bank, {
-            "n_images": n_img, "n_features": n_img * h * w, "feature_dim": int(d), "grid": [h, w],
+            "n_images": n_img, "n_features": n_img * n_turns * h * w, "feature_dim": int(d), "grid": [h, w],
+            "turns": n_turns,
             "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": self.shard_by,
             "coreset_seconds": t2 - t1,
             "skipped": len(self.skipped_)}, cross, folds, t0, t2)
 
     def _select_banks(self, feats: torch.Tensor, progress: Progress | None, runner: CellRunner | None = None
                       ) -> tuple[np.ndarray, list[np.ndarray], int]:
-        """The memory bank of patch features ``feats`` (N, h, w, D), each calibration fold's bank (none when
-        not cross-fitted) and how many parts the selection was split into. Also used by
+        """The memory bank of patch features ``feats`` (N, T, h, w, D: each image at each of its ``turns``),
+        each calibration fold's bank (none when not cross-fitted) and how many parts the selection was split
+        into. An image's turns go with it, into the same shard and calibration fold. Also used by
         :func:`patchcore.distributed.fit_on_ray`, whose workers extract the features and, through ``runner``
         (see :func:`patchcore.coreset.cell_coreset`), run the cells."""
-        n_img, h, w, d = feats.shape
+        n_img, n_turns, h, w, d = feats.shape
         folds = min(int(self.calibration_folds), n_img)
         flat = feats.reshape(-1, d)
+        per_image = n_turns * h * w
 
-        def rows(imgs: np.ndarray) -> torch.Tensor:  # the images' rows of ``flat``
-            return torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel())
+        def rows(imgs: np.ndarray) -> torch.Tensor:  # the images' rows of ``flat``, all their turns
+            return torch.from_numpy((imgs[:, None] * per_image + np.arange(per_image)).ravel())
 
-        if self.shard_by == "images" and self._split(n_img * h * w):
-            shards = self.plan_shards(n_img, h * w)
+        if self.shard_by == "images" and self._split(n_img * per_image):
+            shards = self.plan_shards(n_img, per_image)
             shard_rows = [rows(imgs) for imgs, _ in shards]
             picks = self._select_shards([flat.index_select(0, r) for r in shard_rows], progress)
             parts = [flat.index_select(0, r[p]).float().numpy() for r, p in zip(shard_rows, picks)]
@@ -368,7 +399,7 @@ class PatchCore:
         # cross-fit scores images as the fitted model will score new ones.
         sets = [np.arange(n_img)] + ([np.setdiff1d(np.arange(n_img), held)
                                       for held in self.calibration_split(n_img, folds)[0]] if folds >= 2 else [])
-        wanted = [self._n_keep(len(imgs) * h * w) for imgs in sets]
+        wanted = [self._n_keep(len(imgs) * per_image) for imgs in sets]
         banks = []
         for k, imgs in enumerate(sets):
             x = flat if k == 0 else flat.index_select(0, rows(imgs))
@@ -380,7 +411,7 @@ class PatchCore:
             picks = self._coreset(x, report, runner, exchange=self.cell_exchange and k == 0)
             banks.append(x.index_select(0, picks).float().numpy())
             del x
-        return banks[0], banks[1:], self._n_cells(n_img * h * w)
+        return banks[0], banks[1:], self._n_cells(n_img * per_image)
 
     def _assemble(self, bank: np.ndarray, info: dict[str, Any], cross: tuple[list[float], list[float]] | None,
                   folds: int, t0: float, t2: float) -> PatchCore:
@@ -451,12 +482,13 @@ class PatchCore:
         return [(np.sort(part), j) for j, held in enumerate(np.array_split(order, folds))
                 for part in np.array_split(held, min(per_fold, len(held)))]
 
-    def _extract(self, items: list[Item], skip_unreadable: bool, progress: Progress | None
+    def _extract(self, items: list[Item], skip_unreadable: bool, progress: Progress | None, turned: bool = False
                  ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Patch features (N, h, w, D) of all readable items, in ``storage_dtype``, and their (H, W) sizes."""
+        """Patch features (N, h, w, D) of all readable items, in ``storage_dtype``, and their (H, W) sizes;
+        ``turned``: (N, T, h, w, D), the features of each of the model's ``turns`` (the image itself first)."""
         chunks, sizes = [], []
         dtype = torch.float16 if self.storage_dtype == "float16" else torch.float32
-        for _, imgs, feats in self._batches(items, skip_unreadable, self.skipped_):
+        for _, imgs, feats in self._batches(items, skip_unreadable, self.skipped_, self.turns if turned else None):
             chunks.append(feats.to(dtype))
             sizes += [a.shape[:2] for a in imgs]
             if progress:
@@ -623,6 +655,7 @@ class PatchCore:
         # What the preset chose is written out, so the file scores the same whatever presets become.
         params["backbone"], params["border_pad"] = self._setting("backbone"), int(self._setting("border_pad"))
         params["normalization"] = self.normalization_name
+        params["rotations"] = [int(r) for r in self._setting("rotations")]
         # The sizes too, so a file keeps its preprocessing when a preset's sizes change (as "full" did:
         # 256 -> 288 px).
         pre = self.preprocessing
@@ -696,6 +729,8 @@ class PatchCore:
                 (k for k, (m, s) in NORMALIZATIONS.items() if _same(m, prep.get("mean")) and _same(s, prep.get("std"))),
                 "unknown"))
         params["layers"] = None if params.get("layers") is None else tuple(params["layers"])
+        # Files from before rotations existed were fitted unturned (whatever their preset chooses today).
+        params["rotations"] = tuple(params.get("rotations") or ())
         # Files written before the sizes were recorded (preset "full" was 256 px then) take theirs from the
         # preprocessing they record, so they score exactly as before.
         for key, size in (("image_size", prep.get("resize")), ("crop_size", prep.get("crop"))):
