@@ -8,7 +8,6 @@ verdict, checks what it shows, moves the threshold slider and takes a screenshot
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import select
