@@ -6,6 +6,7 @@ memory is its own. Prints a table and one JSON line per measurement (for docs/sc
 
     python benchmarks/fit_scaling.py --sizes 200 400 800 1600                  # default fit (k-means cells)
     python benchmarks/fit_scaling.py --sizes 800 --exchange                    # cells that exchange centres
+    python benchmarks/fit_scaling.py --sizes 800 --exact-bank                  # the model's bank exact (lazy)
     python benchmarks/fit_scaling.py --sizes 800 --shard-by images             # shards of whole images (Ray's)
     python benchmarks/fit_scaling.py --sizes 200 400 --exact                   # the exact greedy, for comparison
     python benchmarks/fit_scaling.py --ray-predict 64 --ray-fit-many           # Ray: 1 vs 2 workers
@@ -47,20 +48,22 @@ def product(category: str, n: int) -> np.ndarray:
 
 
 def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str = "features",
-             shard_features: int | None = None, exchange: bool = False, image_size: int | None = None) -> dict:
+             shard_features: int | None = None, exchange: bool = False, image_size: int | None = None,
+             exact_bank: bool = False) -> dict:
     """One fit of an n-image product (in this process): times, bank, peak memory, and optionally AUROCs."""
     from patchcore import PatchCore
     from patchcore.coreset import random_projection
 
     imgs = product(category, n)
     given = {"shard_features": None} if exact else {} if shard_features is None else {"shard_features": shard_features}
-    model = PatchCore(device="cpu", shard_by=shard_by, cell_exchange=exchange, image_size=image_size, **given)
+    model = PatchCore(device="cpu", shard_by=shard_by, cell_exchange=exchange, image_size=image_size,
+                      exact_bank=exact_bank, **given)
     t0 = time.perf_counter()
     model.fit(imgs)
     wall = time.perf_counter() - t0
     info = model.fit_info_
-    row = {"category": category, "images": n, "image_size": model._setting("image_size"), "exact": exact,
-           "shard_by": shard_by, "exchange": exchange,
+    row = {"category": category, "images": n, "image_size": model.preprocessing.resize[0], "exact": exact,
+           "shard_by": shard_by, "exchange": exchange, "exact_bank": exact_bank,
            "shard_features": model.shard_features, "features": info["n_features"],
            "shards": info["shards"], "bank": info["bank_size"], "extract_s": round(info["extract_seconds"], 1),
            "coreset_s": round(info["coreset_seconds"], 1),
@@ -185,6 +188,7 @@ def main() -> None:
                     help="how a large selection is split (PatchCore's shard_by)")
     ap.add_argument("--shard-features", type=int, default=None, help="PatchCore's shard_features (default: its default)")
     ap.add_argument("--exchange", action="store_true", help="cells that exchange centres (cell_exchange=True)")
+    ap.add_argument("--exact-bank", action="store_true", help="the model's bank by the lazy exact selection")
     ap.add_argument("--image-size", type=int, default=None, help="PatchCore's image_size (default: its default)")
     ap.add_argument("--evaluate", action="store_true", help="also coverage radius and AUROCs on the test set")
     ap.add_argument("--ray-predict", type=int, default=0, metavar="N", help="score N images on Ray, 1 vs 2 workers")
@@ -194,7 +198,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:  # child process: one fit, one JSON line
         print(json.dumps(fit_once(args.category, int(args.one[0]), args.one[1] == "1", args.evaluate,
-                                  args.shard_by, args.shard_features, args.exchange, args.image_size)), flush=True)
+                                  args.shard_by, args.shard_features, args.exchange, args.image_size,
+                                  args.exact_bank)), flush=True)
         return
     rows = []
     for n in args.sizes:
@@ -202,6 +207,7 @@ def main() -> None:
                "--shard-by", args.shard_by] + ([] if args.shard_features is None else
                                                 ["--shard-features", str(args.shard_features)])
         cmd += ["--evaluate"] if args.evaluate else []
+        cmd += ["--exact-bank"] if args.exact_bank else []
         cmd += (["--exchange"] if args.exchange else []) + ([] if args.image_size is None else
                                                             ["--image-size", str(args.image_size)])
         out = subprocess.run(cmd, capture_output=True, text=True,

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcore.coreset import coverage_radius, greedy_coreset, random_projection
+from patchcore.coreset import coverage_radius, greedy_coreset, lazy_greedy, random_projection
 
 
 def naive_greedy(z: torch.Tensor, n: int, start: int) -> list[int]:
@@ -189,6 +189,24 @@ def test_cells_far_apart_are_covered_within_twice_the_exact_greedy_radius(n_cell
     assert got.tolist() == cell_coreset(z, n, labels, seed=seed, n_jobs=1, centroids=mu).tolist()  # threads: same
     exact = greedy_coreset(z, n, seed=seed, method="plain")
     assert coverage_radius(z, got) <= 2 * coverage_radius(z, exact) + 1e-4
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_points=st.integers(20, 6000), frac=st.floats(0.01, 0.5), seed=st.integers(0, 10_000),
+       cell=st.sampled_from([10, 100, 1600]))
+def test_lazy_selection_is_the_exact_greedy_selection(n_points, frac, seed, cell):
+    """Whatever the cells (from 10 points each to one cell), the lazy loop picks the exact loop's points."""
+    z = clustered(n_points, 16, seed)
+    n = max(1, int(n_points * frac))
+    got, ref = lazy_greedy(z, n, seed=seed, cell_size=cell).tolist(), greedy_coreset(z, n, seed=seed).tolist()
+    assert got == ref or (set(got) == set(ref) or coverage_radius(z, torch.tensor(got)) == pytest.approx(
+        coverage_radius(z, torch.tensor(ref)), rel=1e-5))
+
+
+def test_lazy_selection_never_picks_a_point_twice():
+    z = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).repeat(3, 1)  # every point thrice
+    got = lazy_greedy(z, 100, seed=1).tolist()
+    assert len(set(got)) == 100 and coverage_radius(z, torch.tensor(got)) == 0.0
 
 
 def test_cells_cover_real_patch_features_almost_like_the_exact_selection(bottle):

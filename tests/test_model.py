@@ -308,3 +308,19 @@ def test_rotations_are_checked_saved_and_chosen_by_the_accurate_preset(bottle, t
     assert loaded.rotations == (90, 180) and loaded.fit_info_["turns"] == 3
     test = [bottle.test[0].path]
     assert loaded.score_samples(test)[0] == model.score_samples(test)[0]
+
+
+def test_exact_bank_is_the_unsplit_selection_when_the_selection_is_split(bottle):
+    """Above shard_features the cells choose another bank; exact_bank keeps the unsplit one, byte for byte,
+    while the calibration folds' banks stay the cells' (same threshold as without it)."""
+    imgs, small = bottle.train[:40], {"image_size": 160, "calibration_folds": 2}
+    exact = PatchCore(shard_features=4000, exact_bank=True, **small).fit(imgs)
+    cells = PatchCore(shard_features=4000, **small).fit(imgs)
+    unsplit = PatchCore(shard_features=None, **small).fit(imgs)
+    rows = lambda bank: {r.tobytes() for r in bank}  # noqa: E731
+    assert exact.fit_info_["shards"] > 1 and rows(exact.memory_bank_) == rows(unsplit.memory_bank_)
+    assert len(rows(cells.memory_bank_) ^ rows(unsplit.memory_bank_)) > 100
+    assert exact.threshold_ == cells.threshold_
+    for bad in ({"shard_by": "images"}, {"cell_exchange": True}):
+        with pytest.raises(PatchCoreError, match="exact_bank"):
+            PatchCore(exact_bank=True, **bad)

@@ -467,6 +467,86 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     return idx[keep]
 
 
+# Points per cell of the lazy exact selection: smaller cells skip more distances but cost more k-means and
+# bookkeeping (screw x 800, 819k points: 256 cells 50 s, 512 cells 41 s, 1,024 cells 48 s).
+LAZY_CELL = 1600
+
+
+def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
+                cell_size: int = LAZY_CELL) -> torch.Tensor:
+    """Indices of ``n`` points of ``z`` (N, d) chosen by exact greedy k-center from the seeded start that
+    :func:`greedy_coreset` uses: the same selection (up to float ties), computed lazily.
+
+    The points are split into k-means cells of about ``cell_size`` points. Each cell keeps an upper bound of its points' distances to the
+    selection (distances only fall), and each new centre is noted, with a lower bound on its distance to
+    the cell (:func:`_reach`, and the cell's bounding ball), in every cell it might reach. The next centre
+    is found in the cell with the largest bound: that cell is first brought up to date against the centres
+    noted for it since its last update, in one matrix product, skipping those whose bound is now too far
+    to matter; if it still holds the largest bound, its farthest point is the farthest point of all. Most
+    cells are updated rarely, in large batches, against few centres: on screw x 800 (819k points, 82k
+    centres) it computes 8 % of the distances of the plain loop, in 41 s instead of 38 min, one core.
+    """
+    z = z.float().contiguous()
+    N = len(z)
+    if not 1 <= n <= N:
+        raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
+    start = _seeded_start(N, seed)
+    labels, centroids = kmeans_cells(z, max(1, min(n, N // max(1, int(cell_size)))), seed)
+    ids = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in ids]
+    K = len(members)
+    zn = z.numpy()
+    pts = [np.ascontiguousarray(zn[m]) for m in members]
+    sq = [(p * p).sum(1) for p in pts]
+    mu = torch.from_numpy(np.asarray(centroids, dtype=np.float32)[ids])
+    gap_mu = torch.cdist(mu, mu).clamp_min(1e-12)
+    extent = _extents([torch.from_numpy(p) for p in pts], mu, gap_mu)
+    mu_np, gap_np, reach_ext = mu.numpy(), gap_mu.numpy(), np.ascontiguousarray(extent.T.numpy())
+    musq = (mu_np * mu_np).sum(1)
+    ball = np.array([np.sqrt(((p - m) ** 2).sum(1).max()) for p, m in zip(pts, mu_np)], dtype=np.float32)
+    cell_of, where = np.empty(N, dtype=np.int64), np.empty(N, dtype=np.int64)
+    for a, m in enumerate(members):
+        cell_of[m], where[m] = a, np.arange(len(m))
+    mind = [np.full(len(m), np.inf, dtype=np.float32) for m in members]
+    bound = np.full(K, np.inf, dtype=np.float32)  # each cell's largest distance to the selection, or more
+    noted: list[list[int]] = [[] for _ in range(K)]  # centres that might reach the cell since its update
+    noted_lb: list[list[float]] = [[] for _ in range(K)]
+    centres = np.empty((n, zn.shape[1]), dtype=np.float32)
+    csq = np.empty(n, dtype=np.float32)
+    chosen = np.empty(n, dtype=np.int64)
+    step = max(1, n // 100)
+
+    def add(i: int, point: int) -> None:
+        a = int(cell_of[point])
+        c = zn[point]
+        centres[i], csq[i], chosen[i] = c, c @ c, point
+        cm = mu_np @ c
+        half = (cm[a] - cm) / gap_np[a] - reach_ext[a]  # _reach's bound, in numpy: it runs once per centre
+        lb = np.maximum(half, np.sqrt(np.maximum(musq - 2.0 * cm + csq[i], 0.0)) - ball)
+        lb[a] = -1.0  # its own cell always
+        mind[a][where[point]] = -np.inf  # never chosen twice (a duplicate point is still at distance 0)
+        for b in np.flatnonzero(lb < bound):
+            noted[b].append(i)
+            noted_lb[b].append(float(lb[b]))
+
+    add(0, start)
+    for i in range(1, n):
+        while True:
+            a = int(bound.argmax())
+            if not noted[a]:
+                break
+            m = np.asarray(noted[a])[np.asarray(noted_lb[a]) < bound[a]]
+            noted[a], noted_lb[a] = [], []
+            if len(m):
+                d2 = (sq[a][:, None] + csq[m][None, :] - 2.0 * (pts[a] @ centres[m].T)).min(1)
+                np.minimum(mind[a], np.sqrt(np.maximum(d2, 0.0)), out=mind[a])
+            bound[a] = mind[a].max()
+        add(i, int(members[a][int(mind[a].argmax())]))
+        if progress is not None and ((i + 1) % step == 0 or i + 1 == n):
+            progress(i + 1, n)
+    return torch.from_numpy(chosen)
+
+
 def coverage_radius(z: torch.Tensor, chosen: torch.Tensor) -> float:
     """The largest distance from any point to its nearest chosen point: what the greedy step minimises."""
     index = faiss.IndexFlatL2(z.shape[1])
