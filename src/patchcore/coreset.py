@@ -22,6 +22,9 @@ against them before making it a centre, which brings the radius to within 0.3 % 
 (14.59 vs 14.55) for about twice the selection time.
 The cells' loops need only the shared radius from each other, so they can run anywhere (:class:`CellGroup`,
 the ``runner`` of :func:`cell_coreset`; :mod:`patchcore.distributed` runs them on Ray workers).
+:func:`lazy_greedy` computes the exact selection itself in about linear time: the same cells, but each is
+brought up to date against the new centres only when it may hold the farthest point (screw x 800: 42 s on
+one core instead of 38 min, the same points); it is sequential, so it runs where the features are.
 :func:`shard_coresets` instead splits by whole images: each shard's coreset is selected on its own and the
 bank is their union, whose radius is the largest shard radius, but each shard spends budget on what every
 shard has (radius 19.9 on screw x 800; ``shard_by="images"``).
