@@ -316,7 +316,8 @@ def _rotations(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(t) for t in text.replace(" ", "").split(","))
     except ValueError:
-        raise CliError(f"--rotations takes degrees separated by commas, such as 90,180, or none; got {text!r}") from None
+        raise CliError(f"--rotations takes degrees separated by commas, such as 90,180, or none; "
+                       f"got {text!r}") from None
 
 
 def _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device, batch_size,

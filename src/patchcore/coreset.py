@@ -380,6 +380,23 @@ CellRunner = Callable[[list[tuple[torch.Tensor, int]], bool], CellGroup]
 EXCHANGE_STEP = 0.98
 
 
+def _cell_members(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The cell ids of ``labels`` and each cell's point indices, in increasing order (one sort, not a pass
+    over all labels per cell)."""
+    order = np.argsort(labels, kind="stable")
+    ids, starts = np.unique(labels[order], return_index=True)
+    return ids, np.split(order, starts[1:])
+
+
+def _cell_geometry(cells: Sequence[torch.Tensor], centroids: np.ndarray
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cells' centroids (one row per cell), their distances to each other and :func:`_extents`: what
+    :func:`_reach` bounds a centre's distance to a cell with."""
+    mu = torch.from_numpy(np.asarray(centroids, dtype=np.float32))
+    gap = torch.cdist(mu, mu).clamp_min(1e-12)
+    return mu, gap, _extents(cells, mu, gap)
+
+
 def _extents(cells: Sequence[torch.Tensor], mu: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
     """(cells, cells): how far each cell's points reach towards each other cell's centroid, as the largest
     projection of a point of cell a on the unit vector from centroid a to centroid b (``gap``: the
@@ -423,8 +440,8 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     z = z.float().contiguous()
     if not 1 <= n <= len(z):
         raise ValueError(f"coreset size must be between 1 and {len(z)}, got {n}")
-    ids = np.unique(labels)
-    members = [torch.from_numpy(np.flatnonzero(labels == c)) for c in ids]
+    ids, parts = _cell_members(labels)
+    members = [torch.from_numpy(m) for m in parts]
     if len(members) > n:
         raise ValueError(f"{len(members)} cells cannot share {n} centres: use fewer cells")
     exchange = centroids is not None and len(members) > 1
@@ -432,9 +449,7 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     group = CellGroup(cells, n_jobs, exchange) if runner is None else runner(cells, exchange)
     del cells
     if exchange:
-        mu = torch.from_numpy(np.asarray(centroids, dtype=np.float32)[ids])
-        gap_mu = torch.cdist(mu, mu).clamp_min(1e-12)
-        extent = _extents([z.index_select(0, m) for m in members], mu, gap_mu)
+        mu, gap_mu, extent = _cell_geometry([z.index_select(0, m) for m in members], np.asarray(centroids)[ids])
 
     def share() -> None:
         fresh = group.fresh()
@@ -480,14 +495,14 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
     """Indices of ``n`` points of ``z`` (N, d) chosen by exact greedy k-center from the seeded start that
     :func:`greedy_coreset` uses: the same selection (up to float ties), computed lazily.
 
-    The points are split into k-means cells of about ``cell_size`` points. Each cell keeps an upper bound of its points' distances to the
-    selection (distances only fall), and each new centre is noted, with a lower bound on its distance to
-    the cell (:func:`_reach`, and the cell's bounding ball), in every cell it might reach. The next centre
-    is found in the cell with the largest bound: that cell is first brought up to date against the centres
-    noted for it since its last update, in one matrix product, skipping those whose bound is now too far
-    to matter; if it still holds the largest bound, its farthest point is the farthest point of all. Most
-    cells are updated rarely, in large batches, against few centres: on screw x 800 (819k points, 82k
-    centres) it computes 8 % of the distances of the plain loop, in 41 s instead of 38 min, one core.
+    The points are split into k-means cells of about ``cell_size`` points. Each cell keeps an upper bound of
+    its points' distances to the selection (distances only fall), and each new centre is noted, with a lower
+    bound on its distance to the cell (:func:`_reach`, and the cell's bounding ball), in every cell it might
+    reach. The next centre is found in the cell with the largest bound: that cell is first brought up to date
+    against the centres noted for it since its last update, in one matrix product, skipping those whose bound
+    is now too far to matter; if it still holds the largest bound, its farthest point is the farthest point of
+    all. Most cells are updated rarely, in large batches, against few centres: on screw x 800 (819k points,
+    82k centres) it computes 8 % of the distances of the plain loop, in 42 s instead of 38 min, one core.
     """
     z = z.float().contiguous()
     N = len(z)
@@ -495,15 +510,12 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
         raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
     start = _seeded_start(N, seed)
     labels, centroids = kmeans_cells(z, max(1, min(n, N // max(1, int(cell_size)))), seed)
-    ids = np.unique(labels)
-    members = [np.flatnonzero(labels == c) for c in ids]
+    ids, members = _cell_members(labels)
     K = len(members)
     zn = z.numpy()
     pts = [np.ascontiguousarray(zn[m]) for m in members]
     sq = [(p * p).sum(1) for p in pts]
-    mu = torch.from_numpy(np.asarray(centroids, dtype=np.float32)[ids])
-    gap_mu = torch.cdist(mu, mu).clamp_min(1e-12)
-    extent = _extents([torch.from_numpy(p) for p in pts], mu, gap_mu)
+    mu, gap_mu, extent = _cell_geometry([torch.from_numpy(p) for p in pts], np.asarray(centroids)[ids])
     mu_np, gap_np, reach_ext = mu.numpy(), gap_mu.numpy(), np.ascontiguousarray(extent.T.numpy())
     musq = (mu_np * mu_np).sum(1)
     ball = np.array([np.sqrt(((p - m) ** 2).sum(1).max()) for p, m in zip(pts, mu_np)], dtype=np.float32)

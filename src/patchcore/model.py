@@ -138,7 +138,8 @@ class PatchCore:
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, storage_dtype: str = "float32",
                  backbone_weights: str | os.PathLike | None = None, normalization: str = "auto",
-                 border_pad: int | None = None, rotations: tuple[int, ...] | None = None, target_far: float = 0.01, calibration_folds: int = 5,
+                 border_pad: int | None = None, rotations: tuple[int, ...] | None = None,
+                 target_far: float = 0.01, calibration_folds: int = 5,
                  shard_features: int | None = SHARD_FEATURES, shard_by: str = "features",
                  cell_exchange: bool = False, exact_bank: bool = False, n_jobs: int | None = None,
                  calibration_max_images: int | None = 256) -> None:
