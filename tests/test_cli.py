@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import link_images
 from PIL import Image
 from scipy.stats import binom
-from patchcore.prediction import mask_level
 from typer.testing import CliRunner
 
 from patchcore.cli import app
+from patchcore.prediction import mask_level
+
+from conftest import link_images
 
 FAST = ["--coreset-ratio", "0.01"]
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -220,8 +221,9 @@ def test_subprocess_entry_point_help_and_error(tmp_path):
 
 
 def test_help_explains_options_with_defaults():
-    for cmd, needles in (("fit", ["--folds", "[default: 5]", "--target-far", "conformal", "--border-pad", "--validation", "--defects",
-                                  "--skip-unreadable", "--overwrite", "--json", "--quiet"]),
+    for cmd, needles in (("fit", ["--folds", "[default: 5]", "--target-far", "conformal", "--border-pad",
+                                  "--validation", "--defects", "--skip-unreadable", "--overwrite", "--json",
+                                  "--quiet"]),
                          ("predict", ["--threshold", "--map-format", "--report", "[default: both]"]),
                          ("evaluate", ["--category", "--report", "--output"]),
                          ("info", ["--json"])):

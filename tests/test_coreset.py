@@ -181,7 +181,8 @@ def test_cells_far_apart_are_covered_within_twice_the_exact_greedy_radius(n_cell
     sizes = torch.randint(per_cell // 2, per_cell + 1, (n_cells,), generator=g)
     spreads = torch.rand(n_cells, generator=g) * 4 + 0.1  # cells of different spread need different budgets
     labels = np.repeat(np.arange(n_cells), sizes.numpy())
-    z = torch.cat([torch.randn(int(k), 8, generator=g) * s + 1000.0 * i for i, (k, s) in enumerate(zip(sizes, spreads))])
+    z = torch.cat([torch.randn(int(k), 8, generator=g) * s + 1000.0 * i
+                   for i, (k, s) in enumerate(zip(sizes, spreads))])
     n = max(n_cells, int(len(z) * frac))
     mu = torch.stack([z[torch.from_numpy(labels == c)].mean(0) for c in range(n_cells)]).numpy() if exchange else None
     got = cell_coreset(z, n, labels, seed=seed, n_jobs=2, centroids=mu)

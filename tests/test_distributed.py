@@ -177,7 +177,8 @@ def test_fit_many_cli_reports_every_product_and_fails_if_one_did(bottle, tmp_pat
     assert r.returncode == 1, r.stderr
     got = json.loads(r.stdout)
     assert [p["status"] for p in got["products"]] == ["ok", "ok", "failed"]
-    assert (tmp_path / "models" / "cap_a.safetensors").is_file() and not (tmp_path / "models" / "cap_c.safetensors").exists()
+    assert (tmp_path / "models" / "cap_a.safetensors").is_file()
+    assert not (tmp_path / "models" / "cap_c.safetensors").exists()
     # a rerun refuses to replace the models, per product, and says so
     r = _cli("fit-many", str(root), "-o", str(tmp_path / "models"), "--coreset-ratio", "0.05", "--json")
     assert [p["status"] for p in json.loads(r.stdout)["products"]] == ["failed"] * 3

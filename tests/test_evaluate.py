@@ -11,8 +11,15 @@ import pytest
 
 from patchcore.datasets import Dataset, read_mvtec
 from patchcore.errors import DatasetError, PatchCoreError
-from patchcore.evaluate import (CategoryResult, EvaluationReport, compute_metrics, crop_to_region, evaluate,
-                                evaluate_dataset, find_categories)
+from patchcore.evaluate import (
+    CategoryResult,
+    EvaluationReport,
+    compute_metrics,
+    crop_to_region,
+    evaluate,
+    evaluate_dataset,
+    find_categories,
+)
 from patchcore.images import PRESETS, Preprocessing
 
 DATA = Path(os.environ.get("PATCHCORE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -82,7 +82,8 @@ def test_runtime_matches_pytorch_on_the_real_test_set(exported):
             assert (b.defect_mask == a.defect_mask).mean() > 0.999
     # the export recorded the check it made on its own
     assert all(p["verdicts_identical"] and p["score_max_rel_diff"] <= 1e-4 for p in meta["parity"].values())
-    assert json.loads((folder / "patchcore.json").read_text())["source_model"]["sha256"] == meta["source_model"]["sha256"]
+    written = json.loads((folder / "patchcore.json").read_text())
+    assert written["source_model"]["sha256"] == meta["source_model"]["sha256"]
 
 
 def test_crop_preset_and_odd_sized_images_keep_parity(tmp_path):

@@ -1,9 +1,8 @@
 """Patch features: 3x3 neighbourhood mean, bilinear upsampling of the deeper map, reduction only when wide."""
 
+import pytest
 import torch
 import torch.nn.functional as F
-
-import pytest
 
 from patchcore.features import aggregate_neighbourhood, crop_border, feature_dim, patch_features
 

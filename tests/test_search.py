@@ -57,7 +57,8 @@ def test_real_patches_give_brute_force_scores_comparing_a_fraction_of_the_bank(b
         assert abs(a.score - b.score) <= 1e-5 * b.score
         # (brute force carries float32 rounding of |q|^2 - 2 q.m + |m|^2; ours are computed directly)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4 * b.anomaly_map.max()
-    feats = np.concatenate([f.reshape(-1, f.shape[-1]).numpy() for _, _, f in model._batches(as_items(test), False, [])])
+    feats = np.concatenate([f.reshape(-1, f.shape[-1]).numpy()
+                            for _, _, f in model._batches(as_items(test), False, [])])
     _, _, share = CellSearch(model.memory_bank_).nearest(feats)
     assert share < 0.5
 

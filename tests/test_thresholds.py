@@ -1,14 +1,20 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import norm
 
 from patchcore.errors import PatchCoreError
 from patchcore.model import Prediction
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from patchcore.thresholds import (calibrate_scores, f1_threshold, guarantee, mask_level, needed_images, normalized,
-                                  threshold_for_far)
+from patchcore.thresholds import (
+    calibrate_scores,
+    f1_threshold,
+    guarantee,
+    mask_level,
+    needed_images,
+    normalized,
+    threshold_for_far,
+)
 
 
 def test_conformal_rank_is_just_above_the_k_th_smallest_score():

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from test_service import running
 
 # Started by a tiny Python so that Chromium finds the protocol pipe on the descriptors it expects (3 and 4),
@@ -141,7 +142,8 @@ def test_page_shows_verdict_overlay_and_other_thresholds(small_model, bottle, tm
             assert chrome.js("document.getElementById('model').value") == "bottle"
             assert "threshold" in chrome.js("document.getElementById('model-info').textContent")
             chrome.pick_file("#file", image.resolve())
-            state = chrome.wait("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+            state = chrome.wait("['done', 'error'].includes(document.body.dataset.state)"
+                                " && document.body.dataset.state")
             assert state == "done", chrome.js("document.getElementById('error').textContent")
             shown = chrome.js("""(() => {
                 const c = document.getElementById('view');
