@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _data import add_data_argument
+
 HERE = Path(__file__).resolve().parent
 
 # name -> constructor arguments (everything else at the library's defaults, coreset 10 %)
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="candidate names (default: all)")
     ap.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     ap.add_argument("--table", action="store_true", help="only print the rows measured so far")
+    add_data_argument(ap)
     args = ap.parse_args()
     rows = done_rows(args.output)
     if args.table:
@@ -89,7 +92,8 @@ def main() -> None:
                 continue
             # The threshold does not change the metrics measured here: skip the cross-fitted calibration.
             params = {"calibration_folds": 0, **CANDIDATES[name]}
-            cmd = [sys.executable, str(HERE / "bench_core.py"), "--one", cat, "--params", json.dumps(params)]
+            cmd = [sys.executable, str(HERE / "bench_core.py"), "--one", cat, "--params", json.dumps(params),
+                   "--data", str(args.data)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{name} / {cat}: failed\n{out.stderr[-1500:]}", file=sys.stderr)

@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PATCHCORE_DATA", ROOT.parent / "shared" / "data")) / "mvtec_ad"
+from _data import DATA, add_data_argument, mvtec
 
 
-def run_one(category: str, params: dict) -> dict:
+def run_one(category: str, params: dict, data: Path = DATA) -> dict:
     """Fit and score one category in this process; return the figures."""
     import resource
 
@@ -33,9 +32,10 @@ def run_one(category: str, params: dict) -> dict:
 
     from patchcore import PatchCore
     from patchcore.datasets import load_mask, read_mvtec
-    from patchcore.metrics import aupro, border_peak_share, image_auroc, pixel_auroc
+    from patchcore.evaluate import compute_metrics
+    from patchcore.metrics import border_peak_share
 
-    ds = read_mvtec(DATA / category)
+    ds = read_mvtec(mvtec(data) / category)
     model = PatchCore(**params)
     t0 = time.perf_counter()
     model.fit(ds.train)
@@ -49,17 +49,20 @@ def run_one(category: str, params: dict) -> dict:
         preds.extend(model.predict([s.path]))
         times.append(time.perf_counter() - t)
     labels = [s.label for s in ds.test]
-    masks = [load_mask(s.mask) if s.mask else np.zeros(p.anomaly_map.shape, bool) for s, p in zip(ds.test, preds)]
     maps = [p.anomaly_map for p in preds]
+    masks = [None if s.mask is None else load_mask(s.mask, size=(m.shape[1], m.shape[0]))
+             for s, m in zip(ds.test, maps)]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # fit and scoring, before the metrics
+    metrics = compute_metrics(labels, [p.score for p in preds], masks, maps)
     info = model.fit_info_
     good = [m for s, m in zip(ds.test, maps) if s.label == 0]
     return {
         "category": category, "n_train": info["n_images"], "bank": info["bank_size"], "dim": info["feature_dim"],
         "fit_s": fit_s, "extract_s": info["extract_seconds"], "coreset_s": info["coreset_seconds"],
         "ms_per_image": 1000 * float(np.median(times)), "ms_per_image_mean": 1000 * float(np.mean(times)),
-        "peak_fit_mb": fit_rss, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "image_auroc": image_auroc(labels, [p.score for p in preds]), "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps), "threads": torch.get_num_threads(),
+        "peak_fit_mb": fit_rss, "peak_mb": peak_mb,
+        "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
+        "aupro": metrics["aupro"], "threads": torch.get_num_threads(),
         "border_peak": border_peak_share(good),
         "ms_p99": 1000 * float(np.percentile(times, 99)),
     }
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--params", type=json.loads, default={},
                     help='any other constructor arguments as JSON, e.g. \'{"border_pad": 0}\'')
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_data_argument(ap)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one category, print JSON
     args = ap.parse_args()
     params = {k: v for k, v in {"backbone": args.backbone, "coreset_ratio": args.coreset_ratio,
@@ -83,7 +87,7 @@ def main() -> None:
                                 "storage_dtype": args.storage_dtype}.items() if v is not None}
     params.update(args.params)
     if args.one:
-        print(json.dumps(run_one(args.one, params)))
+        print(json.dumps(run_one(args.one, params, args.data)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -93,7 +97,7 @@ def main() -> None:
     shown = PatchCore(**params).get_params()
     rows = []
     for cat in args.categories:
-        cmd = [sys.executable, __file__, "--one", cat, "--params", json.dumps(params)]
+        cmd = [sys.executable, __file__, "--one", cat, "--params", json.dumps(params), "--data", str(args.data)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{cat}: failed\n{out.stderr[-2000:]}")

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import beta, mannwhitneyu
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PATCHCORE_DATA", ROOT.parent / "shared" / "data")) / "mvtec_ad"
+from _data import add_data_argument, mvtec
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -46,11 +45,12 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.01, 0.05])
     ap.add_argument("--params", type=json.loads, default={}, help="other constructor arguments as JSON")
     ap.add_argument("--json", type=Path, default=None)
+    add_data_argument(ap)
     args = ap.parse_args()
 
     rows, shifts = [], []
     for cat in args.categories:
-        ds = read_mvtec(DATA / cat)
+        ds = read_mvtec(mvtec(args.data) / cat)
         good_test = [s.path for s in ds.test if s.label == 0]
         bad_test = [s.path for s in ds.test if s.label == 1]
         for k in args.folds:

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
+import patchcore.coreset as coreset
+from patchcore import PatchCore
+from patchcore.images import as_items
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_scaling import product  # noqa: E402
-
-import patchcore.coreset as coreset  # noqa: E402
-from patchcore import PatchCore  # noqa: E402
-from patchcore.images import as_items  # noqa: E402
+from _data import add_data_argument
+from fit_scaling import product
 
 
 def main() -> None:
@@ -35,10 +32,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=320)
     ap.add_argument("--steps", type=float, nargs="+", default=[0.95, 0.98, 0.99],
                     help="radius steps of the exchanging cells (the library's: 0.98)")
+    add_data_argument(ap)
     args = ap.parse_args()
     model = PatchCore(device="cpu", image_size=256)
     model.skipped_ = []
-    feats, _ = model._extract(as_items(product("screw", args.images)), False, None)
+    feats, _ = model._extract(as_items(product("screw", args.images, args.data)), False, None)
     z = coreset.random_projection(feats.reshape(-1, feats.shape[-1]), model.projection_dim, model.seed).contiguous()
     del feats
     n = coreset.coreset_size(len(z), model.coreset_ratio)

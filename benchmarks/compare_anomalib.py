@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("PATCHCORE_DATA", REPO.parent / "shared" / "data")) / "mvtec_ad"
+from _data import REPO, add_data_argument, mvtec
+
 LAYERS = ("blocks.2", "blocks.4")
 
 
@@ -51,12 +51,9 @@ def peak_rss_mb() -> float:
 
 def test_paths(cat_dir: Path) -> list[Path]:
     """The test images in the runner's order: sorted type folders, then sorted files."""
-    from patchcore.images import is_image_file
+    from patchcore.datasets import read_mvtec
 
-    out = []
-    for sub in sorted(p for p in (cat_dir / "test").iterdir() if p.is_dir()):
-        out += sorted(p for p in sub.iterdir() if is_image_file(p))
-    return out
+    return [s.path for s in read_mvtec(cat_dir).test]
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -134,21 +131,20 @@ def score_npz(npz: Path, cat_dir: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from patchcore.datasets import load_mask
+    from patchcore.datasets import load_mask, read_mvtec
     from patchcore.evaluate import compute_metrics
 
     d = np.load(npz)
     paths = [str(p) for p in d["paths"]]
     labels = d["labels"].astype(int).tolist()
     maps = list(d["anomaly_maps"])
+    mask_of = {s.path.relative_to(cat_dir): s.mask for s in read_mvtec(cat_dir).test}
     masks = []
     for rel, lab, amap in zip(paths, labels, maps):
-        p = Path(rel)
         if lab == 0:
             masks.append(None)
             continue
-        mpath = cat_dir / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-        m = load_mask(mpath)
+        m = load_mask(mask_of[Path(rel)])
         if m.shape != amap.shape:  # maps below image resolution: bring the mask to the map (nearest)
             m = np.asarray(Image.fromarray(m).resize(amap.shape[::-1], Image.NEAREST))
         masks.append(m)
@@ -213,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--category-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MVTec AD root (default ../shared/data/mvtec_ad)")
+    add_data_argument(ap)
     ap.add_argument("--categories", nargs="+", default=["bottle", "screw"])
     ap.add_argument("--coreset-ratio", type=float, default=0.01)
     ap.add_argument("--max-train", nargs="*", default=None,
@@ -247,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO / "src")}
     tables, summary = [], {"argv": sys.argv, "loadavg_start": loadavg(), "categories": {}}
     for cat in args.categories:
-        cat_dir = (args.data / cat).resolve()
+        cat_dir = (mvtec(args.data) / cat).resolve()
         mt = max_train.get(cat)
         tag = f"{cat}_{'full' if mt is None else f'train{mt}'}_r{args.coreset_ratio}"
         ours_npz = args.work_dir / f"ours_{tag}.npz"

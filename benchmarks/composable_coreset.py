@@ -2,8 +2,9 @@
 
 A product of N good screw images (fit_scaling.py's flips and quarter turns) is extracted once at 256 px and
 projected as the model projects it; then shards of whole images each select ``frac`` of their features
-(greedy in k-means cells of the model's size), the union is selected down to the model's 10 % the same way, and the coverage radius over all features is printed next to the cells'
-selection of the whole product (the default fit's). docs/scaling.md, section 2:
+(greedy in k-means cells of the model's size), the union is selected down to the model's 10 % the same way,
+and the coverage radius over all features is printed next to the cells' selection of the whole product (the
+default fit's). docs/scaling.md, section 2:
 
     python benchmarks/composable_coreset.py --images 800 --shard-images 128 --frac 0.3
 """
@@ -12,19 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_scaling import product  # noqa: E402
+from patchcore import PatchCore
+from patchcore.coreset import (
+    cell_coreset,
+    cell_labels,
+    coreset_size,
+    coverage_radius,
+    greedy_coreset,
+    random_projection,
+)
+from patchcore.images import as_items
 
-from patchcore import PatchCore  # noqa: E402
-from patchcore.coreset import (cell_coreset, cell_labels, coreset_size, coverage_radius,  # noqa: E402
-                               greedy_coreset, random_projection)
-from patchcore.images import as_items  # noqa: E402
+from _data import add_data_argument
+from fit_scaling import product
 
 
 def main() -> None:
@@ -32,11 +37,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=800)
     ap.add_argument("--shard-images", type=int, default=128)
     ap.add_argument("--frac", type=float, nargs="+", default=[0.3])
+    add_data_argument(ap)
     args = ap.parse_args()
 
     model = PatchCore(device="cpu", image_size=256)
     model.skipped_ = []
-    feats, _ = model._extract(as_items(product("screw", args.images)), False, None)
+    feats, _ = model._extract(as_items(product("screw", args.images, args.data)), False, None)
     n_img, h, w, d = feats.shape
     flat = feats.reshape(-1, d)
     z = random_projection(flat, model.projection_dim, model.seed)

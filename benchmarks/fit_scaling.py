@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -29,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PATCHCORE_DATA", ROOT.parent / "shared" / "data")) / "mvtec_ad"
+from _data import DATA, add_data_argument, mvtec
 
 
-def product(category: str, n: int) -> np.ndarray:
-    """n good images of ``category``: its training images, then their flips and quarter turns."""
-    from PIL import Image
+def product(category: str, n: int, data: Path = DATA) -> np.ndarray:
+    """n good images of ``category`` (under ``data``/mvtec_ad): its training images, then their flips and
+    quarter turns."""
+    from patchcore.datasets import read_mvtec
+    from patchcore.images import read_image
 
-    files = sorted((DATA / category / "train" / "good").glob("*.png"))
-    base = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    base = [read_image(f) for f in read_mvtec(mvtec(data) / category).train]
     out = []
     for k in range(n):
         t, a = divmod(k, len(base))
@@ -49,12 +48,12 @@ def product(category: str, n: int) -> np.ndarray:
 
 def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str = "features",
              shard_features: int | None = None, exchange: bool = False, image_size: int | None = None,
-             exact_bank: bool = False) -> dict:
+             exact_bank: bool = False, data: Path = DATA) -> dict:
     """One fit of an n-image product (in this process): times, bank, peak memory, and optionally AUROCs."""
     from patchcore import PatchCore
     from patchcore.coreset import random_projection
 
-    imgs = product(category, n)
+    imgs = product(category, n, data)
     given = {"shard_features": None} if exact else {} if shard_features is None else {"shard_features": shard_features}
     model = PatchCore(device="cpu", shard_by=shard_by, cell_exchange=exchange, image_size=image_size,
                       exact_bank=exact_bank, **given)
@@ -82,7 +81,7 @@ def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str =
         z = random_projection(flat, model.projection_dim, model.seed)
         bank_z = random_projection(torch.from_numpy(model.memory_bank_), model.projection_dim, model.seed)
         row["radius"] = round(_radius(z, bank_z), 4)
-        ds = read_mvtec(DATA / category)
+        ds = read_mvtec(mvtec(data) / category)
         preds = model.predict([s.path for s in ds.test])
         maps = [p.anomaly_map for p in preds]
         masks = [None if s.mask is None else load_mask(s.mask, size=(m.shape[1], m.shape[0]))
@@ -102,17 +101,19 @@ def _radius(z, bank_z) -> float:
                      for i in range(0, len(z), 200_000)))
 
 
-def ray_predict(n_images: int, workers: list[int]) -> list[dict]:
+def ray_predict(n_images: int, workers: list[int], data: Path = DATA) -> list[dict]:
     """Batch scoring of n test images (bottle, repeated) on a local Ray with 1 and 2 workers."""
     from patchcore import PatchCore
+    from patchcore.datasets import read_mvtec
     from patchcore.distributed import predict_files
 
     rows = []
+    bottle = read_mvtec(mvtec(data) / "bottle")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = PatchCore(device="cpu").fit(sorted((DATA / "bottle" / "train" / "good").glob("*.png")))
+        model = PatchCore(device="cpu").fit(bottle.train)
         path = model.save(tmp / "bottle.safetensors")
-        tests = sorted((DATA / "bottle" / "test").rglob("*.png"))
+        tests = [s.path for s in bottle.test]
         files = [tests[i % len(tests)] for i in range(n_images)]
         names = [f"{i:06d}" for i in range(n_images)]
         for w in workers:
@@ -124,7 +125,7 @@ def ray_predict(n_images: int, workers: list[int]) -> list[dict]:
     return rows
 
 
-def ray_fit_many(workers: list[int]) -> list[dict]:
+def ray_fit_many(workers: list[int], data: Path = DATA) -> list[dict]:
     """fit-many of bottle and screw on Ray, with 1 and 2 CPUs in the local cluster."""
     rows = []
     for w in workers:
@@ -137,7 +138,7 @@ def ray_fit_many(workers: list[int]) -> list[dict]:
             root = Path(tmp) / "data"
             root.mkdir()
             for c in ("bottle", "screw"):
-                (root / c).symlink_to(DATA / c)
+                (root / c).symlink_to(mvtec(data) / c)
             (Path(tmp) / "models").mkdir()
             out = subprocess.run([sys.executable, "-c", code, str(root), str(Path(tmp) / "models")],
                                  capture_output=True, text=True, check=True)
@@ -147,7 +148,7 @@ def ray_fit_many(workers: list[int]) -> list[dict]:
     return rows
 
 
-def ray_fit(category: str, n: int, workers: list[int], shard_by: str) -> list[dict]:
+def ray_fit(category: str, n: int, workers: list[int], shard_by: str, data: Path = DATA) -> list[dict]:
     """``fit --ray`` of an n-image product (written to PNG files) on a local Ray with 1 and 2 CPUs, each in a
     fresh process; the wall time includes Ray's start-up."""
     from PIL import Image
@@ -155,7 +156,7 @@ def ray_fit(category: str, n: int, workers: list[int], shard_by: str) -> list[di
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = []
-        for k, a in enumerate(product(category, n)):
+        for k, a in enumerate(product(category, n, data)):
             files.append(Path(tmp) / f"{k:05d}.png")
             Image.fromarray(a).save(files[-1])
         (Path(tmp) / "files.txt").write_text("\n".join(map(str, files)))
@@ -186,7 +187,8 @@ def main() -> None:
     ap.add_argument("--exact", action="store_true", help="fit with one exact greedy selection (no shards)")
     ap.add_argument("--shard-by", default="features", choices=["features", "images"],
                     help="how a large selection is split (PatchCore's shard_by)")
-    ap.add_argument("--shard-features", type=int, default=None, help="PatchCore's shard_features (default: its default)")
+    ap.add_argument("--shard-features", type=int, default=None,
+                    help="PatchCore's shard_features (default: its default)")
     ap.add_argument("--exchange", action="store_true", help="cells that exchange centres (cell_exchange=True)")
     ap.add_argument("--exact-bank", action="store_true", help="the model's bank by the lazy exact selection")
     ap.add_argument("--image-size", type=int, default=None, help="PatchCore's image_size (default: its default)")
@@ -194,18 +196,19 @@ def main() -> None:
     ap.add_argument("--ray-predict", type=int, default=0, metavar="N", help="score N images on Ray, 1 vs 2 workers")
     ap.add_argument("--ray-fit-many", action="store_true", help="fit-many bottle+screw on Ray, 1 vs 2 CPUs")
     ap.add_argument("--ray-fit", type=int, default=0, metavar="N", help="fit --ray of an N-image product, 1 vs 2 CPUs")
+    add_data_argument(ap)
     ap.add_argument("--one", nargs=2, metavar=("N", "EXACT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process: one fit, one JSON line
         print(json.dumps(fit_once(args.category, int(args.one[0]), args.one[1] == "1", args.evaluate,
                                   args.shard_by, args.shard_features, args.exchange, args.image_size,
-                                  args.exact_bank)), flush=True)
+                                  args.exact_bank, args.data)), flush=True)
         return
     rows = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--category", args.category, "--one", str(n), "1" if args.exact else "0",
-               "--shard-by", args.shard_by] + ([] if args.shard_features is None else
-                                                ["--shard-features", str(args.shard_features)])
+               "--shard-by", args.shard_by, "--data", str(args.data)]
+        cmd += [] if args.shard_features is None else ["--shard-features", str(args.shard_features)]
         cmd += ["--evaluate"] if args.evaluate else []
         cmd += ["--exact-bank"] if args.exact_bank else []
         cmd += (["--exchange"] if args.exchange else []) + ([] if args.image_size is None else
@@ -215,13 +218,13 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     if args.ray_predict:
-        for r in ray_predict(args.ray_predict, [1, 2]):
+        for r in ray_predict(args.ray_predict, [1, 2], args.data):
             print(json.dumps(r), flush=True)
     if args.ray_fit:
-        for r in ray_fit(args.category, args.ray_fit, [1, 2], args.shard_by):
+        for r in ray_fit(args.category, args.ray_fit, [1, 2], args.shard_by, args.data):
             print(json.dumps(r), flush=True)
     if args.ray_fit_many:
-        for r in ray_fit_many([1, 2]):
+        for r in ray_fit_many([1, 2], args.data):
             print(json.dumps(r), flush=True)
     if rows:
         cols = [k for k in rows[0] if k not in ("category",)]

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PATCHCORE_DATA", REPO.parent / "shared" / "data")) / "mvtec_ad"
+from _data import REPO, add_data_argument, mvtec
 
 
 def pct(ms: list[float]) -> dict[str, float]:
@@ -61,16 +60,18 @@ def main() -> None:
     ap.add_argument("--runtime-python", default=None,
                     help="python of a runtime-only install (no torch) for the cold start (default: this one)")
     ap.add_argument("--coreset-ratio", type=float, default=0.1, help="anomalib's, to match the model's")
+    add_data_argument(ap)
     args = ap.parse_args()
 
     import torch
 
     from patchcore import PatchCore, runtime
     from patchcore.backbones import LayerTaps, load_backbone
+    from patchcore.datasets import read_mvtec
 
     torch.set_num_threads(args.threads)
-    cat = DATA / args.category
-    files = sorted((cat / "test").glob("*/*.png"))
+    cat = mvtec(args.data) / args.category
+    files = [s.path for s in read_mvtec(cat).test]
     rows: dict[str, dict] = {}
     load = {"loadavg_start": os.getloadavg()}
 
@@ -103,7 +104,7 @@ def main() -> None:
         meta = model.export(exp, images=files[::10], source=args.model)
         for path in ("fast", "graph"):
             rt = runtime.load(exp, threads=args.threads, path=path)
-            rows[f"runtime ({path})"] = pct(timed(lambda f: rt.predict(f), files))
+            rows[f"runtime ({path})"] = pct(timed(lambda f, rt=rt: rt.predict(f), files))
         code = ("import time; t = time.perf_counter(); from patchcore import runtime; "
                 f"rt = runtime.load({str(exp)!r}); rt.predict({str(files[0])!r}); "
                 "print((time.perf_counter() - t) * 1e3)")

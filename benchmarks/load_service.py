@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PATCHCORE_DATA", ROOT.parent / "shared" / "data")) / "mvtec_ad"
+from _data import add_data_argument, mvtec
+
 HOST = "127.0.0.1"  # loopback only
 
 
@@ -125,13 +125,11 @@ def phase(port: int, images: list[bytes], clients: int, seconds: float, pid: int
             "rss_peak_mb": max(peak + [rss_mb(pid)]), "loadavg_1min_end": os.getloadavg()[0]}
 
 
-def fit_default(folder: Path) -> Path:
+def fit_default(folder: Path, train: list[Path]) -> Path:
     from patchcore import PatchCore
-    from patchcore.datasets import read_mvtec
 
-    ds = read_mvtec(DATA / "bottle")
     t0 = time.perf_counter()
-    model = PatchCore(device="cpu").fit(ds.train)
+    model = PatchCore(device="cpu").fit(train)
     print(f"fitted the default bottle model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return model.save(folder / "bottle.safetensors")
 
@@ -143,17 +141,21 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--concurrency", type=int, default=1, help="the server's --concurrency")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    add_data_argument(ap)
     args = ap.parse_args()
-    if not (DATA / "bottle" / "test").is_dir():
-        sys.exit(f"error: MVTec AD bottle not found under {DATA} (set PATCHCORE_DATA)")
-    images = [p.read_bytes() for d in sorted((DATA / "bottle" / "test").iterdir()) for p in sorted(d.iterdir())]
+    from patchcore.datasets import read_mvtec
+
+    if not (mvtec(args.data) / "bottle" / "test").is_dir():
+        sys.exit(f"error: MVTec AD bottle not found under {mvtec(args.data)} (set PATCHCORE_DATA or --data)")
+    bottle = read_mvtec(mvtec(args.data) / "bottle")
+    images = [s.path.read_bytes() for s in bottle.test]
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.model:
             (folder / "bottle.safetensors").symlink_to(args.model.resolve())
         else:
-            fit_default(folder)
+            fit_default(folder, bottle.train)
         port = free_port()
         # The queue holds every client of phase 1 beside the scorers, so phase 1 is below saturation.
         queue = max(0, args.clients - args.concurrency)

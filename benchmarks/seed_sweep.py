@@ -14,29 +14,28 @@ coreset ratios; aug: "rot4" / "flip8" adds the quarter turns (and flips) of the 
 features), "knneqK" (that, reweighted by Eq. 7); tta: "rot4" also scores the test images' quarter turns
 and reports each variant unturned, averaged over 2 and 4 turns, and at the largest of the 4 (no pixel
 metrics then). Rows are appended to out/feature_cache/results.jsonl.
-Pixel metrics are computed on maps resized to 256 px, the shared images' size.
+Pixel metrics are computed on maps resized to 256 px, the shared images' size. The data is read from
+$PATCHCORE_DATA, else ../shared/data (benchmarks/_data.py).
 """
 import json
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
 
 from patchcore import PatchCore
-from patchcore.datasets import read_mvtec, load_mask
-from patchcore.images import as_items
 from patchcore.coreset import select, shard_coresets
+from patchcore.datasets import load_mask, read_mvtec
+from patchcore.images import as_items, read_image
+from patchcore.metrics import aupro, image_auroc, pixel_auroc
 from patchcore.scoring import MemoryBank, reweighted_score, smooth
-from patchcore.metrics import image_auroc, pixel_auroc, aupro
 
-DATA = Path("../shared/data/mvtec_ad")
-CACHE = Path("out/feature_cache"); CACHE.mkdir(parents=True, exist_ok=True)
+from _data import mvtec
 
-
-def rgb(p):
-    return np.asarray(Image.open(p).convert("RGB"))
+DATA = mvtec()
+CACHE = Path("out/feature_cache")
 
 
 def feats(cat, cfg_name, params, split, aug=None):
@@ -46,11 +45,12 @@ def feats(cat, cfg_name, params, split, aug=None):
     ds = read_mvtec(DATA / cat)
     m = PatchCore(**params)
     paths = ds.train if split == "train" else [s.path for s in ds.test]
-    imgs = [rgb(p) for p in paths]
+    imgs = [read_image(p) for p in paths]
     if aug == "rot4":
         imgs = [np.ascontiguousarray(np.rot90(a, k)) for k in range(4) for a in imgs]
     elif aug == "flip8":
-        imgs = [np.ascontiguousarray(np.rot90(a[:, ::-1] if fl else a, k)) for fl in (0, 1) for k in range(4) for a in imgs]
+        imgs = [np.ascontiguousarray(np.rot90(a[:, ::-1] if fl else a, k))
+                for fl in (0, 1) for k in range(4) for a in imgs]
     m.skipped_ = []
     t = time.perf_counter()
     x, _ = m._extract(as_items(imgs), False, None)
@@ -107,21 +107,27 @@ def score(bank_np, test, size, variants, sigma=4.0, pad_to=256):
             elif v == "smax":
                 s = float(sm.max())
             elif v.startswith("top"):
-                k = int(v[3:]); s = float(np.sort(dist[i])[-k:].mean())
+                k = int(v[3:])
+                s = float(np.sort(dist[i])[-k:].mean())
             elif v.startswith("knneq"):
-                k = int(v[5:]); kk = dk[i, :, :k].mean(1); jj = int(kk.argmax())
+                k = int(v[5:])
+                kk = dk[i, :, :k].mean(1)
+                jj = int(kk.argmax())
                 s = reweighted_score(bank, flat[i * h * w + jj], float(kk[jj]), int(nn[i, jj]), 9)
             elif v.startswith("kam"):
-                k = int(v[3:]); s = float(dk[i, j, :k].mean())
+                k = int(v[3:])
+                s = float(dk[i, j, :k].mean())
             elif v.startswith("knn"):
-                k = int(v[3:]); s = float(dk[i, :, :k].mean(1).max())
+                k = int(v[3:])
+                s = float(dk[i, :, :k].mean(1).max())
             out[v].append(s)
     return out, maps
 
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
-    cat = spec["cat"]; cfg = spec["cfg"]; params = spec.get("params", {})
+    cat, cfg, params = spec["cat"], spec["cfg"], spec.get("params", {})
+    CACHE.mkdir(parents=True, exist_ok=True)
     ds = read_mvtec(DATA / cat)
     labels = [s.label for s in ds.test]
     tr = feats(cat, cfg, params, "train", spec.get("aug"))
