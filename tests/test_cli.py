@@ -13,7 +13,7 @@ from scipy.stats import binom
 from typer.testing import CliRunner
 
 from patchcore.cli import app
-from patchcore.prediction import mask_level
+from patchcore.core.prediction import mask_level
 
 from conftest import link_images
 

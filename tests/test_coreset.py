@@ -78,8 +78,10 @@ def test_shards_partition_the_images_within_calibration_folds(n_images, per_imag
 
     from patchcore import PatchCore
 
-    m = PatchCore(shard_features=limit, calibration_folds=folds, seed=seed)
-    shards = m.plan_shards(n_images, per_image)
+    from patchcore.coreset import CoresetSampler
+
+    m = PatchCore(sampler=CoresetSampler(shard_features=limit), calibration_folds=folds, seed=seed)
+    shards = m.fit_plan().plan_shards(n_images, per_image)
     got = np.sort(np.concatenate([imgs for imgs, _ in shards]))
     assert np.array_equal(got, np.arange(n_images))  # every image in exactly one shard
     if n_images * per_image <= limit:
@@ -109,10 +111,10 @@ def test_sharded_selection_is_each_shards_own_selection():
     assert torch.equal(torch.cat(shard_coresets(parts, 0.05, 16, 3, n_jobs=1)), torch.cat(got))
 
 
-def test_plain_and_pruned_loops_agree():
+def test_plain_and_lazy_loops_agree():
     z = clustered(6000, 16, 11)
     a = greedy_coreset(z, 400, seed=2, method="plain")
-    b = greedy_coreset(z, 400, seed=2, method="pruned")
+    b = greedy_coreset(z, 400, seed=2, method="lazy")
     assert a.tolist() == b.tolist() or coverage_radius(z, a) == pytest.approx(coverage_radius(z, b), rel=1e-5)
 
 
@@ -216,11 +218,9 @@ def test_cells_cover_real_patch_features_almost_like_the_exact_selection(bottle)
     budget on what all of them hold)."""
     from patchcore import PatchCore
     from patchcore.coreset import cell_coreset, kmeans_cells, shard_coresets
-    from patchcore.images import as_items
 
     m = PatchCore(device="cpu")
-    m.skipped_ = []
-    feats, _ = m._extract(as_items(sorted((bottle / "train" / "good").glob("*.png"))[:16]), False, None)
+    feats, _ = m.extract(sorted((bottle / "train" / "good").glob("*.png"))[:16])
     z = random_projection(feats.reshape(-1, feats.shape[-1]), 128, 0)
     n = len(z) // 10
     exact = coverage_radius(z, greedy_coreset(z, n, seed=0))

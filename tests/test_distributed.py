@@ -15,6 +15,7 @@ from conftest import link_images
 ray = pytest.importorskip("ray", reason='needs the ray extra: pip install "patchcore[ray]"')
 
 from patchcore import PatchCore  # noqa: E402
+from patchcore.coreset import CoresetSampler  # noqa: E402
 from patchcore.distributed import LEDGER, fit_many, predict_files, read_ledger  # noqa: E402
 
 
@@ -151,11 +152,11 @@ def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by, exchang
 
     good = sorted((bottle / "train" / "good").iterdir())[:30]
     # 6 images a shard: 36 x 36 patch features each at the default 288 px (3 images with a turn each)
-    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "shard_features": 6 * 36 * 36, "device": "cpu",
-              "shard_by": shard_by, "cell_exchange": exchange, "rotations": rotations}
+    params = {"coreset_ratio": 0.1, "calibration_folds": 3, "device": "cpu", "rotations": rotations,
+              "sampler": CoresetSampler(shard_features=6 * 36 * 36, shard_by=shard_by, cell_exchange=exchange)}
     local = PatchCore(**params).fit(good)
     remote = fit_on_ray(good, params)
-    assert remote.shard_by == remote.fit_info_["shard_by"] == shard_by
+    assert remote.sampler.shard_by == remote.fit_info_["shard_by"] == shard_by
     assert remote.fit_info_["ray"] and remote.fit_info_["ray_workers"] >= 1 and remote.fit_info_["coreset_on_workers"]
     assert remote.fit_info_["turns"] == local.fit_info_["turns"] == 1 + len(rotations)
     # features: the driver selects in k-means cells of ~1,944 features; images: 3 folds of 2 shards (4 with turns)

@@ -20,7 +20,8 @@ from patchcore.evaluate import (
     evaluate_dataset,
     find_categories,
 )
-from patchcore.images import PRESETS, Preprocessing
+from patchcore.core.geometry import Preprocessing
+from patchcore.settings import PRESETS
 
 DATA = Path(os.environ.get("PATCHCORE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MVTEC = DATA / "mvtec_ad"
@@ -127,7 +128,7 @@ def test_same_seed_gives_identical_results():
 
 # ----------------------------------------------------------------------------------- crop protocol
 def test_crop_to_region_on_synthetic_arrays():
-    paper = PRESETS["paper"]  # resize 256, centre crop 224: 16 px off every side at 256
+    paper = PRESETS["paper"].preprocessing  # resize 256, centre crop 224: 16 px off every side at 256
     a = np.arange(256 * 256).reshape(256, 256)
     (cut,) = crop_to_region([a], paper)
     assert cut.shape == (224, 224)
@@ -136,7 +137,7 @@ def test_crop_to_region_on_synthetic_arrays():
     (big,) = crop_to_region([np.zeros((900, 900), bool)], paper)
     assert big.shape == (788, 788)
     # no crop: arrays come back untouched
-    (same,) = crop_to_region([a], PRESETS["full"])
+    (same,) = crop_to_region([a], PRESETS["full"].preprocessing)
     assert same is a
     # non-square resize
     pre = Preprocessing(resize=(64, 128), crop=(32, 64))
@@ -146,7 +147,7 @@ def test_crop_to_region_on_synthetic_arrays():
 
 def test_crop_changes_pixel_metrics_only_inside_region():
     """A false alarm at the border is ignored with the crop, counted without it."""
-    paper = PRESETS["paper"]
+    paper = PRESETS["paper"].preprocessing
     mask = np.zeros((256, 256), bool)
     mask[100:140, 100:140] = True
     amap = mask.astype(np.float32)

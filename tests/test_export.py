@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from patchcore import ModelFileError, PatchCore, PatchCoreError, runtime
 from patchcore.cli import app
-from patchcore.resample import resize
+from patchcore.core.geometry import resize
 
 DATA = Path(os.environ.get("PATCHCORE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MVTEC = DATA / "mvtec_ad"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchcore.features import aggregate_neighbourhood, crop_border, feature_dim, patch_features
+from patchcore.features import aggregate_neighbourhood, crop_border, patch_features
 
 
 def test_neighbourhood_mean_inside_and_at_borders():
@@ -18,7 +18,7 @@ def test_neighbourhood_mean_inside_and_at_borders():
 def test_narrow_features_are_concatenated_whole():
     a, b = torch.randn(2, 40, 8, 8), torch.randn(2, 112, 4, 4)
     f = patch_features([a, b], target_dim=1024)
-    assert f.shape == (2, 8, 8, 152) and feature_dim([40, 112], 1024) == 152
+    assert f.shape == (2, 8, 8, 152)
     assert torch.allclose(f[..., :40], aggregate_neighbourhood(a).permute(0, 2, 3, 1), atol=1e-6)
     up = F.interpolate(aggregate_neighbourhood(b), size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(f[..., 40:], up.permute(0, 2, 3, 1), atol=1e-6)
@@ -27,7 +27,7 @@ def test_narrow_features_are_concatenated_whole():
 def test_wide_features_are_pooled_with_equal_weight_per_layer():
     a, b = torch.randn(1, 512, 4, 4), torch.randn(1, 1024, 2, 2)
     f = patch_features([a, b], target_dim=1024)
-    assert f.shape == (1, 4, 4, 1024) and feature_dim([512, 1024], 1024) == 1024
+    assert f.shape == (1, 4, 4, 1024)
     # as in the paper's code: each layer pooled to 1024, then the pair pooled to 1024 -> first half layer 2
     assert torch.allclose(f[0, 1, 1, :512], aggregate_neighbourhood(a)[0, :, 1, 1], atol=1e-5)
 

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from patchcore.errors import ImageError
-from patchcore.images import PRESETS, Preprocessing, as_items, list_images, read_image, to_rgb
+from patchcore.core.geometry import Preprocessing
+from patchcore.core.imagefiles import as_items, list_images, read_image, to_rgb
+from patchcore.settings import PRESETS
 
 
 def _save(path, array, mode=None):
@@ -88,23 +89,23 @@ def test_array_batches_and_single_images():
 def test_preprocessing_resize_crop_and_back():
     img = np.zeros((300, 400, 3), np.uint8)
     img[:, 200:] = 255
-    full = PRESETS["full"]
+    full = PRESETS["full"].preprocessing
     x = full([img])
     assert x.shape == (1, 3, 288, 288) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
-    paper = PRESETS["paper"]
+    paper = PRESETS["paper"].preprocessing
     assert paper([img]).shape == (1, 3, 224, 224)
     assert paper.crop_box() == (16, 16, 224, 224)
     # A map at input size comes back at the image's own size; outside the crop it is the minimum.
-    m = paper.to_image(torch.ones(224, 224) * 5, (300, 400))
+    m = paper.to_image(np.ones((224, 224), np.float32) * 5, (300, 400))
     assert m.shape == (300, 400)
     rows, cols = paper.region((300, 400))
     assert m[0, 0] == 5 and (rows.start, rows.stop) == (19, 281) and (cols.start, cols.stop) == (25, 375)
-    assert full.to_image(torch.zeros(288, 288), (300, 400)).shape == (300, 400)
+    assert full.to_image(np.zeros((288, 288), np.float32), (300, 400)).shape == (300, 400)
     assert Preprocessing(resize=(128, 96)).input_size == (128, 96)
 
 
 def test_check_image_file_reads_the_header_only(tmp_path):
-    from patchcore.images import check_image_file
+    from patchcore.core.imagefiles import check_image_file
 
     rng = np.random.default_rng(0)
     good = _save(tmp_path / "ok.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from patchcore import BackboneError, ImageError, ModelFileError, NotFittedError, PatchCore, PatchCoreError
+from patchcore.coreset import CoresetSampler
 from patchcore.datasets import load_mask, read_mvtec
 from patchcore.metrics import image_auroc, pixel_auroc
 
@@ -149,10 +150,13 @@ def test_bad_input(tmp_path):
         PatchCore().predict([BOTTLE / "test" / "good" / "000.png"])
     with pytest.raises(ImageError, match="holds no images"):
         PatchCore().fit(tmp_path)
-    with pytest.raises(BackboneError, match="unknown backbone"):
-        PatchCore(backbone="vgg1")
+    one = [BOTTLE / "train" / "good" / "000.png"]
+    with pytest.raises(BackboneError, match="unknown backbone"):  # checked by fit, as scikit-learn does
+        PatchCore(backbone="vgg1").fit(one)
     with pytest.raises(PatchCoreError, match="coreset_ratio"):
-        PatchCore(coreset_ratio=0)
+        PatchCore(coreset_ratio=0).fit(one)
+    with pytest.raises(TypeError):  # keyword arguments only
+        PatchCore("efficientnet_lite0")
     # one image at a tiny ratio gives fewer features than Eq. 7's neighbourhood needs
     with pytest.raises(PatchCoreError, match="fewer than num_neighbors"):
         PatchCore(coreset_ratio=0.001).fit([BOTTLE / "train" / "good" / "000.png"])
@@ -228,15 +232,15 @@ def test_normalisation_and_padding_are_saved_and_restored(bottle, tmp_path):
     loaded = PatchCore.load(model.save(tmp_path / "m.safetensors"))
     assert (loaded.normalization, loaded.border_pad) == ("imagenet", 32)
     default = PatchCore(coreset_ratio=0.05, calibration_folds=0).fit(imgs)
-    assert default.normalization_name == "tf" and default._setting("border_pad") == 16
-    assert PatchCore(preset="paper")._setting("border_pad") == 0 and PatchCore(preset="paper", border_pad=32
-                                                                                )._setting("border_pad") == 32
+    assert default.normalization_name == "tf" and default.resolved("border_pad") == 16
+    assert PatchCore(preset="paper").resolved("border_pad") == 0 and PatchCore(preset="paper", border_pad=32
+                                                                               ).resolved("border_pad") == 32
     test = [bottle.test[0].path]
     assert loaded.score_samples(test)[0] == model.score_samples(test)[0] != default.score_samples(test)[0]
     with pytest.raises(PatchCoreError, match="multiple of 16"):
-        PatchCore(border_pad=8)
+        PatchCore(border_pad=8).fit(imgs)
     with pytest.raises(PatchCoreError, match="unknown normalization"):
-        PatchCore(normalization="caffe")
+        PatchCore(normalization="caffe").fit(imgs)
 
 
 # ------------------------------------------------------------------------------------- calibration
@@ -287,7 +291,7 @@ def test_rotations_keep_an_image_and_its_turns_in_one_calibration_fold(bottle):
     imgs = bottle.train[:8]
     params = {"coreset_ratio": 1.0, "rotations": (180,), "seed": 3}
     model = PatchCore(calibration_folds=4, calibration_max_images=None, **params).fit(imgs)
-    folds, scored = model.calibration_split(8, 4)
+    folds, scored = model.fit_plan().calibration_split(8, 4)
     expect = {}
     for held, fold_scored in zip(folds, scored):
         rest = PatchCore(calibration_folds=0, **params).fit([imgs[i] for i in np.setdiff1d(np.arange(8), held)])
@@ -301,7 +305,7 @@ def test_rotations_are_checked_saved_and_chosen_by_the_accurate_preset(bottle, t
     assert PatchCore(preset="accurate", rotations=()).turns == (0,)
     for bad in ((45,), (90, 90), (0,), "90"):
         with pytest.raises(PatchCoreError, match="rotations must be"):
-            PatchCore(rotations=bad)
+            PatchCore(rotations=bad).fit(bottle.train[:1])
     model = PatchCore(preset="accurate", image_size=96, coreset_ratio=0.2, calibration_folds=0
                       ).fit(bottle.train[:3])
     loaded = PatchCore.load(model.save(tmp_path / "m.safetensors"))
@@ -314,13 +318,13 @@ def test_exact_bank_is_the_unsplit_selection_when_the_selection_is_split(bottle)
     """Above shard_features the cells choose another bank; exact_bank keeps the unsplit one, byte for byte,
     while the calibration folds' banks stay the cells' (same threshold as without it)."""
     imgs, small = bottle.train[:40], {"image_size": 160, "calibration_folds": 2}
-    exact = PatchCore(shard_features=4000, exact_bank=True, **small).fit(imgs)
-    cells = PatchCore(shard_features=4000, **small).fit(imgs)
-    unsplit = PatchCore(shard_features=None, **small).fit(imgs)
+    exact = PatchCore(sampler=CoresetSampler(shard_features=4000, exact_bank=True), **small).fit(imgs)
+    cells = PatchCore(sampler=CoresetSampler(shard_features=4000), **small).fit(imgs)
+    unsplit = PatchCore(sampler=CoresetSampler(shard_features=None), **small).fit(imgs)
     rows = lambda bank: {r.tobytes() for r in bank}  # noqa: E731
     assert exact.fit_info_["shards"] > 1 and rows(exact.memory_bank_) == rows(unsplit.memory_bank_)
     assert len(rows(cells.memory_bank_) ^ rows(unsplit.memory_bank_)) > 100
     assert exact.threshold_ == cells.threshold_
     for bad in ({"shard_by": "images"}, {"cell_exchange": True}):
         with pytest.raises(PatchCoreError, match="exact_bank"):
-            PatchCore(exact_bank=True, **bad)
+            PatchCore(sampler=CoresetSampler(exact_bank=True, **bad)).fit(imgs)

@@ -4,9 +4,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from patchcore.bank import MemoryBank
+from patchcore.core.scoring import image_score, score_map
 
-from patchcore.scoring import MemoryBank, reweighted_score, smooth
+
+def reweighted_score(bank: MemoryBank, patch, patch_score, nn_index, num_neighbors):
+    """Eq. 7's image score as the estimator computes it: the core's, with the bank's own N_b."""
+    return image_score(bank.bank, patch, patch_score, nn_index, bank.support_of(num_neighbors), num_neighbors)
 
 
 def test_search_is_exact_euclidean():
@@ -42,9 +46,9 @@ def test_eq7_weights_rare_nominal_neighbours_up():
 
 
 def test_smoothing_keeps_mass_and_spreads_a_peak():
-    m = torch.zeros(64, 64)
+    m = np.zeros((64, 64), np.float32)
     m[32, 32] = 1.0
-    s = smooth(m, 4.0)
+    s = score_map(m, (64, 64), 4.0)  # at its own size the map is only smoothed
     assert float(s.sum()) == pytest.approx(1.0, abs=1e-4)
     assert float(s.max()) == pytest.approx(1 / (2 * math.pi * 16), rel=0.05)
-    assert torch.equal(smooth(m, 0), m)
+    assert np.array_equal(score_map(m, (64, 64), 0), m)

@@ -5,8 +5,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcore.scoring import MemoryBank
-from patchcore.search import CellSearch
+from patchcore import Prediction
+from patchcore.bank import MemoryBank
+from patchcore.core.search import CellSearch
 
 
 def brute(bank: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,22 +45,20 @@ def test_same_neighbours_as_brute_force(seed, n, d, cells, spread):
 
 def test_real_patches_give_brute_force_scores_comparing_a_fraction_of_the_bank(bottle):
     from patchcore import PatchCore
-    from patchcore.images import as_items
 
     good = sorted((bottle / "train" / "good").glob("*.png"))[::10][:20]
     model = PatchCore(coreset_ratio=0.25, calibration_folds=0, device="cpu").fit(good)
     assert model.fit_info_["bank_size"] >= 4096  # large enough to be split into cells
     test = sorted((bottle / "test").glob("*/*.png"))[::12]
     fast = model.predict(test)
-    model._bank = MemoryBank(model.memory_bank_, cells=1)  # brute force
-    slow = model.predict(test)
-    for a, b in zip(fast, slow):
+    feats, sizes = model.extract(test)
+    slow = model.score_features(MemoryBank(model.memory_bank_, cells=1), feats, sizes)  # brute force
+    for a, (score, amap) in zip(fast, slow):
+        b = Prediction(a.name, score, amap)
         assert abs(a.score - b.score) <= 1e-5 * b.score
         # (brute force carries float32 rounding of |q|^2 - 2 q.m + |m|^2; ours are computed directly)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4 * b.anomaly_map.max()
-    feats = np.concatenate([f.reshape(-1, f.shape[-1]).numpy()
-                            for _, _, f in model._batches(as_items(test), False, [])])
-    _, _, share = CellSearch(model.memory_bank_).nearest(feats)
+    _, _, share = CellSearch(model.memory_bank_).nearest(feats.reshape(-1, feats.shape[-1]).numpy())
     assert share < 0.5
 
 

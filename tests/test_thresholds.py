@@ -5,14 +5,13 @@ from hypothesis import strategies as st
 from scipy.stats import norm
 
 from patchcore.errors import PatchCoreError
-from patchcore.model import Prediction
+from patchcore import Prediction
+from patchcore.core.prediction import mask_level
 from patchcore.thresholds import (
     calibrate_scores,
     f1_threshold,
     guarantee,
-    mask_level,
     needed_images,
-    normalized,
     threshold_for_far,
 )
 
@@ -113,8 +112,7 @@ def test_f1_threshold_separates_perfectly_separable_scores():
 
 
 def test_normalized_score_puts_the_threshold_at_one():
-    assert normalized(5.0, 5.0) == 1.0
-    assert normalized(5.0, None) is None
+    assert Prediction("x", 5.0, np.zeros((2, 2), np.float32), threshold=5.0).normalized_score == 1.0
     p = Prediction("x", 7.5, np.zeros((2, 2), np.float32), threshold=5.0)
     assert p.normalized_score == pytest.approx(1.5) and p.is_anomalous
     assert Prediction("x", 1.0, np.zeros((2, 2), np.float32)).normalized_score is None

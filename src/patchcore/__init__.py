@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import (BackboneError, DatasetError, ImageError, ModelFileError,  # noqa: E402
                      NotFittedError, PatchCoreError)
-from .prediction import Prediction  # noqa: E402
+from .core.prediction import Prediction  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -184,7 +184,7 @@ class _Progress:
 
 def good_images_of(data: Path) -> tuple[list[Path], str]:
     """The good images of DATA: a folder of images, an MVTec category (train/good) or a folder layout (good/)."""
-    from .images import list_images
+    from .core.imagefiles import list_images
 
     if not data.exists():
         raise CliError(f"{data}: no such folder")
@@ -441,7 +441,7 @@ def fit(
     json_out: JsonOut = False,
 ) -> None:
     """Fit a model on good images and calibrate its pass/fail threshold for a target false-alarm rate."""
-    from .images import list_images
+    from .core.imagefiles import list_images
     from .model import PatchCore
 
     _check_model_target(output, overwrite)
@@ -639,7 +639,7 @@ def fit_many_cmd(
 
 # ------------------------------------------------------------------------------------------- predict
 def _collect_images(inputs: list[Path]) -> list[Path]:
-    from .images import is_image_file, list_images
+    from .core.imagefiles import is_image_file, list_images
 
     files: list[Path] = []
     seen: set[Path] = set()
@@ -720,7 +720,7 @@ def predict(
     overlays/NAME.png (heat map blended on the image, white outline = defect mask) and masks/NAME.png
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
-    from .images import read_image
+    from .core.imagefiles import read_image
     from .results import write_result
 
     _check_out_parent(output)

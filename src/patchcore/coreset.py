@@ -1,12 +1,8 @@
 """Greedy k-center coreset selection (the paper's Alg. 1) on a random projection, exact and fast.
 
-The textbook loop costs one pass over all N points per selected centre: for the bottle category at 10 %
-that is 21,000 passes over 214,000 x 128 floats, minutes on two cores. We compute the very same selection
-but skip most of the work: points are grouped into small chunks of nearby points (k-means cells), and a chunk
-whose points all lie closer to the selection than the new centre can possibly be (triangle inequality
-through the chunk's anchor) is never touched. Early on every block is updated; once the coreset covers the
-bank, each new centre updates only the chunks around it. Below ~48k points the plain loop is faster (the
-points stay in the CPU cache), so it is used there.
+The textbook loop costs one pass over all N points per selected centre; up to PLAIN_MAX points those passes
+stay in the CPU cache and the loop is fast. Above, :func:`lazy_greedy` computes the very same selection while
+skipping most of the distances (see below).
 
 Exact greedy still costs N x (ratio N) distance evaluations: quadratic in the data. A large product (800
 images, 819k features) took 38 minutes for the selection alone. :func:`cell_coreset` makes it about linear
@@ -36,6 +32,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -62,94 +59,23 @@ def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0, chu
     return torch.cat([features[i:i + chunk].float() @ proj for i in range(0, n, chunk)])
 
 
-def _chunks(z: torch.Tensor, chunk: int, seed: int, cell: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group points into chunks of nearby points, for pruning.
-
-    Returns the (C, chunk) layout of point indices (-1 for padding), the k-means centroids, each chunk's
-    centroid (its anchor) and each point's distance to its anchor. Inside a k-means cell points are
-    sorted by that distance, so every chunk holds points at a similar distance from its anchor, which keeps
-    the pruning bound tight.
-    """
-    n, d = z.shape
-    k = max(1, n // cell)
-    x = np.ascontiguousarray(z.numpy(), dtype=np.float32)
-    if k > 1:
-        # Cells of ~512 points, trained on 32 a cell, then every point assigned: ~1.5 s for 200k points.
-        km = faiss.Kmeans(d, k, niter=8, seed=seed, max_points_per_centroid=32, verbose=False)
-        km.train(x)
-        centroids = torch.from_numpy(km.centroids.copy())
-        _, lab = km.index.search(x, 1)
-        labels = torch.from_numpy(lab[:, 0].astype(np.int64))
-    else:
-        centroids = z.mean(0, keepdim=True)
-        labels = torch.zeros(n, dtype=torch.long)
-    ecc = (z - centroids.index_select(0, labels)).norm(dim=1)
-    order = torch.from_numpy(np.lexsort((ecc.numpy(), labels.numpy())))
-    sizes = torch.bincount(labels, minlength=len(centroids))
-    per_cell = -(-sizes // chunk)  # chunks per k-means cell
-    slots = torch.full((int(per_cell.sum()) * chunk,), -1, dtype=torch.long)
-    cell_start = torch.cumsum(sizes, 0) - sizes
-    slot_start = (torch.cumsum(per_cell, 0) - per_cell) * chunk
-    lab_sorted = labels[order]
-    rank = torch.arange(n) - cell_start[lab_sorted]
-    slots[slot_start[lab_sorted] + rank] = order
-    layout = slots.reshape(-1, chunk)
-    return layout, centroids, labels[layout[:, 0]], ecc
-
-
-def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, chunk: int = 16,
-                   progress: Progress | None = None, method: str = "auto") -> torch.Tensor:
+def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
+                   method: str = "auto") -> torch.Tensor:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center, starting from a seeded random point.
 
-    Each step adds the point farthest from the current selection, exactly as the plain loop would (ties
-    aside); the pruning only skips distance computations that cannot change anything. ``method``:
-    "plain", "pruned" or "auto" (plain up to PLAIN_MAX points); all give the same selection.
+    Each step adds the point farthest from the current selection. ``method``: "plain" (the textbook loop),
+    "lazy" (:func:`lazy_greedy`, the same selection computed lazily in k-means cells) or "auto" (plain up to
+    PLAIN_MAX points, where its passes stay in the CPU cache, lazy above); all give the same selection.
     """
     z = z.float().contiguous()
-    N, d = z.shape
+    N = len(z)
     if not 1 <= n <= N:
         raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
-    if method not in ("auto", "plain", "pruned"):
-        raise ValueError(f"method must be auto, plain or pruned, got {method!r}")
-    start = _seeded_start(N, seed)
+    if method not in ("auto", "plain", "lazy"):
+        raise ValueError(f"method must be auto, plain or lazy, got {method!r}")
     if method == "plain" or (method == "auto" and N <= PLAIN_MAX):
-        return _plain_greedy(z, n, start, progress)
-    layout, centroids, cell, ecc = _chunks(z, chunk, seed)
-    csq = (centroids * centroids).sum(1)
-    valid = layout >= 0
-    idx = layout.clamp(min=0)
-    # index_select, not z[idx]: advanced indexing takes a far slower path on CPU here.
-    zc = z.index_select(0, idx.flatten()).reshape(*idx.shape, d)  # padding rows repeat point 0, masked below
-    sq = (zc * zc).sum(2)
-    ecc_c = ecc.index_select(0, idx.flatten()).reshape(idx.shape)
-    inf = torch.tensor(float("inf"))
-    # mind: distance of each point to the selection; padding is -inf so it is never picked.
-    mind = torch.where(valid, inf, -inf)
-    # A chunk is untouched by centre c when |c - anchor| >= max(mind + ecc) over it (triangle inequality).
-    bound = mind.amax(1)
-    best = mind.amax(1)  # per chunk, the farthest point's distance
-    where = torch.empty(N, dtype=torch.long)
-    flat = layout.flatten()
-    where[flat[flat >= 0]] = torch.nonzero(flat >= 0).squeeze(1)
-    pos = int(where[start])
-    chosen = torch.empty(n, dtype=torch.long)
-    step = max(1, n // 100)
-    for i in range(n):
-        b, s = divmod(pos, chunk)
-        chosen[i] = layout[b, s]
-        c = zc[b, s]
-        to_cell = (csq - 2.0 * (centroids @ c) + sq[b, s]).clamp_(min=0.0).sqrt_()
-        todo = torch.nonzero(to_cell[cell] < bound).squeeze(1)
-        d2 = sq[todo] - 2.0 * (zc.index_select(0, todo) @ c) + sq[b, s]
-        upd = torch.minimum(mind[todo], d2.clamp_(min=0.0).sqrt_())
-        mind[todo] = upd
-        bound[todo] = (upd + ecc_c[todo]).amax(1)
-        best[todo] = upd.amax(1)
-        b = int(best.argmax())
-        pos = b * chunk + int(mind[b].argmax())
-        if progress is not None and ((i + 1) % step == 0 or i + 1 == n):
-            progress(i + 1, n)
-    return chosen
+        return _plain_greedy(z, n, _seeded_start(N, seed), progress)
+    return lazy_greedy(z, n, seed, progress)
 
 
 def _seeded_start(n: int, seed: int) -> int:
@@ -220,11 +146,6 @@ def kmeans_cells(z: torch.Tensor, n_cells: int, seed: int = 0) -> tuple[np.ndarr
     km = faiss.Kmeans(x.shape[1], int(n_cells), niter=20, seed=seed, max_points_per_centroid=256, verbose=False)
     km.train(x)
     return km.index.search(x, 1)[1][:, 0].astype(np.int64), km.centroids.copy()
-
-
-def cell_labels(z: torch.Tensor, n_cells: int, seed: int = 0) -> np.ndarray:
-    """The k-means cell of each point of ``z``: :func:`kmeans_cells` without the centroids."""
-    return kmeans_cells(z, n_cells, seed)[0]
 
 
 class _Heard:
@@ -568,3 +489,80 @@ def coverage_radius(z: torch.Tensor, chosen: torch.Tensor) -> float:
     index.add(np.ascontiguousarray(z[chosen].numpy(), dtype=np.float32))
     dist, _ = index.search(np.ascontiguousarray(z.numpy(), dtype=np.float32), 1)
     return float(np.sqrt(max(float(dist.max()), 0.0)))
+
+
+# Most features selected exactly in one piece; above that, k-means cells of about a quarter of it (8,192
+# features) are selected together. Chosen on screw x 800 (docs/scaling.md): 8k cells fit in 152 s with image
+# AUROC 0.947 (exact 0.946); 16k cells cover a little better (radius 15.17 vs 15.29) but took 241 s.
+SHARD_FEATURES = 32768
+SHARD_BY = ("features", "images")
+
+
+@dataclass(frozen=True)
+class CoresetSampler:
+    """How the memory bank is selected from the patch features: the expert and research settings of the
+    coreset, handed to :class:`patchcore.PatchCore` as ``sampler=`` (how much is kept is ``coreset_ratio``).
+
+    projection_dim: width of the seeded random projection the greedy selection runs on.
+    shard_features: most patch features selected exactly, in one piece. Exact greedy selection costs time
+        quadratic in the features; above this the selection is split (``shard_by``), which keeps fit time
+        about linear in the number of images (docs/scaling.md). None: always one exact selection.
+    shard_by: how a larger selection is split. ``"features"`` (default): into k-means cells of the feature
+        space of about ``shard_features / 4`` features, whose greedy loops lower one shared coverage radius
+        together (:func:`cell_coreset`; close to the exact selection). ``"images"``: into shards of whole
+        images inside the calibration folds, each selecting ``coreset_ratio`` of its own features; only the
+        shards' coresets need to travel between machines, but it covers less well.
+    cell_exchange: with ``shard_by="features"``, the cells of the model's bank hear of each other's centres:
+        coverage radius within 0.3 % of the exact selection's instead of 5 %, for about twice the selection's
+        time (docs/scaling.md, section 4); the calibration folds' banks are selected without it. Off by
+        default: it did not raise the AUROCs (screw's image AUROC was 0.008 lower with seed 0).
+    exact_bank: the model's own bank is the exact greedy selection even when the selection is split (the
+        calibration folds' banks still use ``shard_by``), computed by :func:`lazy_greedy` on one core of the
+        machine that selects, in about 5x the time of the cells (screw x 800: 42 s against 8.5 s).
+    """
+
+    projection_dim: int = 128
+    shard_features: int | None = SHARD_FEATURES
+    shard_by: str = "features"
+    cell_exchange: bool = False
+    exact_bank: bool = False
+
+    def check(self) -> None:
+        """Raise ValueError for settings that cannot work together."""
+        if int(self.projection_dim) < 1:
+            raise ValueError("projection_dim must be at least 1")
+        if self.shard_features is not None and int(self.shard_features) < 1:
+            raise ValueError(f"shard_features must be at least 1 (or None), got {self.shard_features}")
+        if self.shard_by not in SHARD_BY:
+            raise ValueError(f"shard_by must be one of {', '.join(SHARD_BY)}, got {self.shard_by!r}")
+        if self.exact_bank and (self.shard_by != "features" or self.cell_exchange):
+            raise ValueError("exact_bank selects the model's bank from every feature in one place: it goes "
+                             "with shard_by='features' and without cell_exchange")
+
+    def split(self, n_features: int) -> bool:
+        """Whether a selection from ``n_features`` features is split (see ``shard_features``)."""
+        return self.shard_features is not None and n_features > int(self.shard_features)
+
+    def n_cells(self, n_features: int, n_keep: int) -> int:
+        """k-means cells for a selection of ``n_keep`` from ``n_features`` features (1: not split)."""
+        if not self.split(n_features):
+            return 1
+        return max(1, min(n_keep, -(-n_features // max(1, int(self.shard_features) // 4))))
+
+    def run(self, x: torch.Tensor, n_keep: int, seed: int = 0, *, model_bank: bool = False,
+            n_jobs: int | None = None, progress: Progress | None = None,
+            runner: CellRunner | None = None) -> torch.Tensor:
+        """Indices of the ``n_keep`` coreset features of ``x`` (N, D): the exact greedy selection up to
+        ``shard_features`` features, greedy selection in k-means cells above. ``model_bank``: this is the
+        model's own bank (not a calibration fold's), which ``cell_exchange`` and ``exact_bank`` apply to."""
+        if n_keep >= len(x):
+            return torch.arange(len(x))
+        cells = self.n_cells(len(x), n_keep)
+        z = random_projection(x, self.projection_dim, seed)
+        if cells == 1:
+            return greedy_coreset(z, n_keep, seed=seed, progress=progress)
+        if self.exact_bank and model_bank:
+            return lazy_greedy(z, n_keep, seed, progress)
+        labels, centroids = kmeans_cells(z, cells, seed)
+        return cell_coreset(z, n_keep, labels, seed, n_jobs, progress, runner,
+                            centroids if self.cell_exchange and model_bank else None)

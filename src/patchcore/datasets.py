@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetError, ImageError
-from .images import IMAGE_EXTENSIONS, is_image_file
+from .core.imagefiles import IMAGE_EXTENSIONS, is_image_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -81,8 +81,8 @@ class _Scorer:
         self.output, self.map_format, self.skip = Path(output), map_format, skip_unreadable
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .core.imagefiles import read_image
         from .errors import ImageError
-        from .images import read_image
         from .results import write_result
 
         rows = []
@@ -101,7 +101,7 @@ class _Scorer:
 
 def run_key(model_path: str | os.PathLike, threshold: float | None, map_format: str) -> dict[str, Any]:
     """What must match for a rerun to continue an interrupted run's results rather than mix in others."""
-    from .runtime import file_sha256
+    from .core.files import file_sha256
 
     return {"model_sha256": file_sha256(Path(model_path)), "threshold": threshold, "map_format": map_format}
 
@@ -184,7 +184,7 @@ def products_of(root: str | os.PathLike) -> list[Path]:
 
 def good_images(product: Path) -> list[Path]:
     """A product's good images: train/good/ (MVTec), good/, or the images in the folder itself."""
-    from .images import list_images
+    from .core.imagefiles import list_images
 
     for sub in ("train/good", "good"):
         if (product / sub).is_dir():
@@ -234,13 +234,11 @@ def patch_shape(params: dict[str, Any]) -> tuple[int, int, int, int]:
     """(turns, grid height, grid width, feature width) of the patch features a model with ``params`` fits on
     per good image: one forward pass of a blank image (every image is resized to the same input, so every
     image gives this grid) and the number of its ``turns`` (each a grid of its own)."""
-    from .images import as_items
     from .model import PatchCore
 
     model = PatchCore(**params)
-    model.skipped_ = []
     h, w = model.preprocessing.input_size
-    feats, _ = model._extract(as_items([np.zeros((h, w, 3), np.uint8)]), False, None)
+    feats, _ = model.extract(np.zeros((1, h, w, 3), np.uint8))
     return len(model.turns), int(feats.shape[1]), int(feats.shape[2]), int(feats.shape[3])
 
 
@@ -303,19 +301,16 @@ class _ShardWorker:
 
         torch.set_num_threads(1)
         self.model = PatchCore(**{**params, "n_jobs": 1})
-        self.model.skipped_ = []
         self.shards: dict[int, tuple[Any, list]] = {}
         self.cells: Any = None  # the CellGroup of the cell selection under way
 
     def _features(self, index: int, paths: list[str]) -> Any:
-        from .images import as_items
-
         if index not in self.shards:
-            self.shards[index] = self.model._extract(as_items(paths), False, None, turned=True)
+            self.shards[index] = self.model.extract(paths, turned=True)
         return self.shards[index][0]
 
     def extract(self, index: int, paths: list[str]) -> tuple[np.ndarray, list]:
-        """Shard ``index``'s patch features (n, T, h, w, D) and image sizes, as ``PatchCore._extract`` gives them."""
+        """Shard ``index``'s patch features (n, T, h, w, D) and image sizes, as ``PatchCore.extract`` gives them."""
         feats = self._features(index, paths)
         return feats.numpy(), self.shards[index][1]
 
@@ -327,7 +322,7 @@ class _ShardWorker:
         m = self.model
         feats = self._features(index, paths)
         flat = feats.reshape(-1, feats.shape[-1])
-        picks = select(flat, m.coreset_ratio, m.projection_dim, seed=m.seed + index)
+        picks = select(flat, m.coreset_ratio, m.sampler.projection_dim, seed=m.seed + index)
         return flat.index_select(0, picks).float().numpy()
 
     def load_cells(self, cells: list[tuple[np.ndarray, int]], exchange: bool) -> None:
@@ -357,14 +352,11 @@ class _ShardWorker:
         """Scores and map maxima of shard ``index``'s images at ``positions`` against ``bank``."""
         import torch
 
-        from .scoring import MemoryBank
-
         if not positions:
             return [], []
         feats, sizes = self.shards[index]
-        out = list(self.model._score(MemoryBank(bank), feats[torch.tensor(positions), 0].float(),
-                                     [sizes[i] for i in positions]))
-        return [s for s, _ in out], [float(a.max()) for _, a in out]
+        out = self.model.score_summary(bank, feats[torch.tensor(positions), 0].float(), [sizes[i] for i in positions])
+        return [s for s, _ in out], [m for _, m in out]
 
 
 class _RayCells:
@@ -414,7 +406,7 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
                workers: int | None = None, progress: Callable[[str, int, int], None] | None = None):
     """``PatchCore(**params).fit(images)`` with its work spread over ``workers`` Ray actors (default: one per
     CPU of the cluster). The good images are cut into shards of whole images inside the calibration folds
-    (``PatchCore.plan_shards``), which the actors take in turn.
+    (:meth:`patchcore.fitting.FitPlan.plan_shards`), which the actors take in turn.
 
     With ``shard_by="features"`` (the default) the actors extract their shards' patch features and send them
     to the driver, which selects the bank and every calibration fold's bank in k-means cells of the feature
@@ -426,17 +418,18 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     fit would."""
     import torch
 
-    from .model import PatchCore, shard_fold_banks
+    from .fitting import shard_fold_banks
+    from .model import PatchCore
 
     paths = [str(p) for p in images]
     model = PatchCore(**params)
-    model._check_params()
-    model.skipped_ = []
+    model.check_params()
+    plan = model.fit_plan()
     t, h, w, d = patch_shape(params)
-    shards = model.plan_shards(len(paths), t * h * w)
+    shards = plan.plan_shards(len(paths), t * h * w)
     if len(shards) == 1:
         return model.fit(paths, progress=progress)
-    folds = min(int(model.calibration_folds), len(paths))
+    folds = plan.folds(len(paths))
     t0 = time.perf_counter()
     per_shard = fit_memory(max(len(i) for i, _ in shards), t * h * w, d) - PROCESS_BYTES
     with cluster(address) as ray:
@@ -444,12 +437,13 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         worker = ray.remote(num_cpus=1)(_ShardWorker)
         # An actor keeps the features of every shard it takes, for the calibration scoring, and with cells its
         # share of the projected points (float32) during a selection.
-        cells = 4 * len(paths) * t * h * w * model.projection_dim // n_workers if model.shard_by == "features" else 0
+        cells = (4 * len(paths) * t * h * w * model.sampler.projection_dim // n_workers
+                 if model.sampler.shard_by == "features" else 0)
         pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + cells + PROCESS_BYTES).remote(params)
                 for _ in range(n_workers)]
         actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
         jobs = [(a, i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
-        if model.shard_by == "images":
+        if model.sampler.shard_by == "images":
             picked = []
             for i, ref in enumerate([a.select.remote(i, p) for a, i, p in jobs]):
                 picked.append(ray.get(ref))
@@ -472,15 +466,15 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
                 if progress:
                     progress("features", done, len(paths))
             t1 = time.perf_counter()
-            bank, fold_banks, n_parts = model._select_banks(torch.from_numpy(feats), progress,
-                                                            runner=lambda cells, ex: _RayCells(ray, pool, cells, ex))
+            bank, fold_banks, n_parts = plan.select_banks(torch.from_numpy(feats), progress,
+                                                          runner=lambda cells, ex: _RayCells(ray, pool, cells, ex))
             del feats
         t2 = time.perf_counter()
         cross = None
         if folds >= 2:
             fold_refs = [ray.put(b) for b in fold_banks]
-            # The images the local cross-fit scores, in its order (model._cross_fit): a prefix of each fold.
-            wanted = [i for scored in model.calibration_split(len(paths), folds)[1] for i in scored]
+            # The images the local cross-fit scores, in its order (FitPlan.cross_fit): a prefix of each fold.
+            wanted = [i for scored in plan.calibration_split(len(paths), folds)[1] for i in scored]
             chosen = set(int(i) for i in wanted)
             asks = [[k for k, i in enumerate(imgs) if int(i) in chosen] for imgs, _ in shards]
             got = ray.get([a.score.remote(i, fold_refs[f], pos)
@@ -490,8 +484,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
             cross = ([by_image[int(i)][0] for i in wanted], [by_image[int(i)][1] for i in wanted])
         for a in pool:
             ray.kill(a)
-    return model._assemble(bank, {
+    return model.set_fitted(bank, {
         "n_images": len(paths), "n_features": len(paths) * t * h * w, "feature_dim": int(d), "grid": [h, w],
         "turns": t,
-        "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": model.shard_by, "coreset_seconds": t2 - t1,
+        "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": model.sampler.shard_by, "coreset_seconds": t2 - t1,
         "skipped": 0, "ray": True, "ray_workers": n_workers, "coreset_on_workers": True}, cross, folds, t0, t2)

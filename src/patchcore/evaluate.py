@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import numpy as np
 from . import __version__
 from .datasets import Dataset, load_mask, read_dataset, read_mvtec
 from .errors import DatasetError, PatchCoreError
-from .images import Preprocessing
+from .core.geometry import Preprocessing
 from .metrics import aupro, border_peak_share, f1_max, image_auroc, pixel_auroc, pixel_f1_max
 from .model import PatchCore
 
@@ -463,22 +462,3 @@ def evaluate(path: str | os.PathLike, params: dict[str, Any] | None = None,
         pixel_region=WHOLE_IMAGE if pre.crop is None else CENTRE_CROP,
         preprocessing={"resize": list(pre.resize), "crop": list(pre.crop) if pre.crop else None},
         total_seconds=time.perf_counter() - t0)
-
-
-if __name__ == "__main__":  # python -m patchcore.evaluate DATA [OUT_PREFIX] [key=value ...]
-    args = sys.argv[1:]
-    if not args:
-        sys.exit("usage: python -m patchcore.evaluate DATA [OUT_PREFIX] [param=value ...]")
-    kv = dict(a.split("=", 1) for a in args[1:] if "=" in a)
-    prefix = next((a for a in args[1:] if "=" not in a), None)
-    parsed: dict[str, Any] = {}
-    for k, v in kv.items():
-        try:
-            parsed[k] = json.loads(v)
-        except ValueError:
-            parsed[k] = v
-    cats = parsed.pop("categories", None)
-    rep = evaluate(args[0], parsed, categories=cats.split(",") if isinstance(cats, str) else cats)
-    print(rep.format_table())
-    if prefix:
-        print(rep.to_json(prefix + ".json"), rep.to_csv(prefix + ".csv"))

@@ -1,9 +1,19 @@
-"""From backbone feature maps to one locally aware patch feature per position (the paper's Sec. 3.1)."""
+"""From an image batch to one locally aware patch feature per position (the paper's Sec. 3.1).
+
+:class:`FeatureExtractor` is the network part of a model: the frozen backbone(s) with their tapped layers,
+the input normalisation, the border padding and its cut, the neighbourhood aggregation and the concatenation.
+The estimator runs it, and the export traces the very same module into ONNX.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .backbones import NORMALIZATIONS, LayerTaps, fingerprint, get_backbone, load_backbone
 
 
 def aggregate_neighbourhood(fmap: torch.Tensor, size: int = 3) -> torch.Tensor:
@@ -44,11 +54,6 @@ def patch_features(fmaps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
     return feats.reshape(n, h, w, -1)
 
 
-def feature_dim(channels: list[int], target_dim: int) -> int:
-    """The width of the patch features for layers with these channel counts."""
-    return target_dim if sum(channels) > target_dim else sum(channels)
-
-
 def crop_border(fmap: torch.Tensor, pad: int, input_hw: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Cut the cells computed for ``pad`` pixels of input padding off an (N, C, h, w) feature map.
 
@@ -60,10 +65,55 @@ def crop_border(fmap: torch.Tensor, pad: int, input_hw: tuple[int, int] | torch.
     """
     if not pad:
         return fmap
-    h, w = fmap.shape[-2:]
+    y0, y1, x0, x1 = border_cut(pad, (int(fmap.shape[-2]), int(fmap.shape[-1])), input_hw)
+    return fmap[..., y0:y1, x0:x1]
+
+
+def border_cut(pad: int, map_hw: tuple[int, int], input_hw: tuple[int, int] | torch.Size) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of what :func:`crop_border` keeps of an h x w map, in plain ints (under
+    ONNX tracing the network input size is fixed, so these are constants of the graph)."""
+    h, w = map_hw
     ch, rh = divmod(pad * h, int(input_hw[0]))
     cw, rw = divmod(pad * w, int(input_hw[1]))
     if rh or rw or not ch or not cw:
         raise ValueError(f"border padding of {pad} px is not a whole number of feature cells "
                          f"({h}x{w} cells for a {input_hw[0]}x{input_hw[1]} input)")
-    return fmap[..., ch:h - ch, cw:w - cw]
+    return ch, h - ch, cw, w - cw
+
+
+class FeatureExtractor(nn.Module):
+    """The patch features of a batch: ``extractor(x)`` with x (N, 3, h, w) in [0, 1] gives (N, h', w', D).
+
+    ``backbones``: one name, or several whose patch features are concatenated (an ensemble); ``layers``: the
+    tapped module names of a single backbone (default: its registry's two); ``normalizations``: one name of
+    :data:`patchcore.backbones.NORMALIZATIONS` per backbone; ``weights``: a local weights file (single
+    backbone); ``border_pad``: pixels of reflection padding around the input, whose cells are cut off the
+    tapped maps before the aggregation (see :func:`crop_border`). ``fingerprint`` identifies the weights.
+    """
+
+    def __init__(self, backbones: Sequence[str], layers: Sequence[str] | None, normalizations: Sequence[str],
+                 weights: str | None, target_dim: int, border_pad: int) -> None:
+        super().__init__()
+        taps, prints = [], []
+        for name in backbones:
+            model = load_backbone(name, weights)
+            prints.append(fingerprint(model))
+            taps.append(LayerTaps(model, tuple(layers) if layers and len(backbones) == 1
+                                  else get_backbone(name).layers))
+        self.taps = nn.ModuleList(taps)
+        self.register_buffer("mean", torch.tensor([NORMALIZATIONS[n][0] for n in normalizations]).view(-1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([NORMALIZATIONS[n][1] for n in normalizations]).view(-1, 3, 1, 1))
+        self.pad = int(border_pad)
+        self.target_dim = int(target_dim)
+        self.fingerprint = "+".join(prints)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for i, taps in enumerate(self.taps):
+            z = (x - self.mean[i:i + 1]) / self.std[i:i + 1]
+            if self.pad:
+                z = F.pad(z, (self.pad,) * 4, mode="reflect")
+            hw = (int(z.shape[-2]), int(z.shape[-1]))
+            fmaps = [crop_border(f, self.pad, hw) for f in taps(z)]
+            feats.append(patch_features(fmaps, self.target_dim))
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ImageError, ModelFileError, PatchCoreError
-from .prediction import Prediction
+from .core.prediction import Prediction
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .model import PatchCore
@@ -45,7 +45,7 @@ def check_headers(files: Iterable[str | os.PathLike]) -> None:
 
     Raises the first file's ImageError; damage past a header only shows when the image is decoded.
     """
-    from .imagefiles import check_image_file
+    from .core.imagefiles import check_image_file
 
     for f in files:
         check_image_file(f)

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from .errors import PatchCoreError
-from .images import read_image
+from .core.imagefiles import read_image
 from .visualize import overlay, png_bytes, thumbnail
-from .thresholds import mask_level
+from .core.prediction import mask_level
 
 __all__ = ["Section", "GalleryItem", "build_section", "histogram_svg", "roc_svg", "render_html", "write_report"]
 

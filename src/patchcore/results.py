@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .inference import Thresholds, result_of
-from .prediction import Prediction
+from .core.prediction import Prediction
 
 RESULT_DIRS = ("maps", "overlays", "masks")
 MAP_FORMATS = ("both", "npy", "png")

@@ -9,59 +9,34 @@ Predictions have the fields of :meth:`patchcore.PatchCore.predict` (score, anoma
 size, threshold, verdict, defect mask), and the same values within the parity the export checked
 (``Runtime.meta["parity"]``). Importing this module imports neither torch nor faiss. By default the network runs
 in onnxruntime and the memory bank is searched exactly in numpy, visiting only the k-means cells of the bank
-that can hold each patch's nearest neighbour (:mod:`patchcore.search`); ``path="graph"`` runs the export's
-single graph of the whole pipeline instead.
+that can hold each patch's nearest neighbour (:mod:`patchcore.core.search`); ``path="graph"`` runs the
+export's graph of the network and a brute-force search instead. Either way the score and the map are computed
+by the estimator's own code (:mod:`patchcore.core.scoring`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from .errors import ImageError, ModelFileError, PatchCoreError
-from .imagefiles import list_images, read_image, to_rgb
-from .postprocess import eq7_weight, score_map
-from .prediction import Prediction
-from .resample import resize
-from .search import CellSearch
+from .core.files import file_sha256
+from .core.geometry import Preprocessing
+from .core.imagefiles import ImagesLike, as_items, iter_loaded
+from .core.prediction import Prediction
+from .core.scoring import score_patches
+from .core.search import CellSearch
+from .errors import ModelFileError, PatchCoreError
 
-EXPORT_FORMAT, EXPORT_VERSION = "patchcore-export", 1
+# 2: model.onnx ends at the search (distances, indices, features) and the scoring is the estimator's own code;
+# 1: model.onnx computed the score and the input-size map itself (still read).
+EXPORT_FORMAT, EXPORT_VERSION = "patchcore-export", 2
 META_FILE = "patchcore.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-ImageInput = Union[str, os.PathLike, np.ndarray]
-
-
-def _items(images: ImageInput | Sequence[ImageInput]) -> list[tuple[str, ImageInput]]:
-    """(name, source) pairs: a file, a folder of images, one array, or a list of files and arrays."""
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return [(f"image_{i}", a) for i, a in enumerate(images)]
-    if isinstance(images, (str, os.PathLike, np.ndarray)):
-        images = [images]
-    out: list[tuple[str, ImageInput]] = []
-    for i, src in enumerate(images):
-        if isinstance(src, np.ndarray):
-            out.append((f"image_{i}", src))
-        elif Path(src).is_dir():
-            out += [(str(p), p) for p in list_images(src)]
-        else:
-            out.append((str(src), src))
-    return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (exports record and check their files by it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Runtime:
@@ -72,8 +47,7 @@ class Runtime:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise PatchCoreError("the runtime needs onnxruntime: pip install onnxruntime "
-                                 "(or pip install \"patchcore[runtime]\")") from None
+            raise PatchCoreError("the runtime needs onnxruntime: pip install onnxruntime") from None
         folder = Path(folder)
         meta_path = folder / META_FILE
         if not meta_path.is_file():
@@ -113,89 +87,59 @@ class Runtime:
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for damaged graphs
             raise ModelFileError(f"{graph}: onnxruntime cannot load it ({type(e).__name__})") from None
         self.path = path
-        if fast:
-            arrays_path = folder / fast["search_file"]
+        meta_grid = meta.get("grid") or meta.get("fast_path", {}).get("grid")
+        self.grid = tuple(meta_grid) if meta_grid else None
+        self.bank: np.ndarray | None = None
+        self.cells: CellSearch | None = None
+        self.support: np.ndarray | None = None
+        # Exports of format 1 computed the score and the map inside model.onnx; every later one ends the graph
+        # at the search and scores here, with the estimator's code.
+        self._graph_scores = version < 2 and path == "graph"
+        if fast or not self._graph_scores:
+            arrays_path = folder / meta["fast_path"]["search_file"]
             if not arrays_path.is_file() or file_sha256(arrays_path) != meta.get("search_sha256"):
                 raise ModelFileError(f"{arrays_path}: missing, or not the one this export was written with (checksum)")
             with np.load(arrays_path, allow_pickle=False) as z:  # plain arrays only: loading runs no code
                 arrays = {k: z[k] for k in z.files}
             self.bank = np.ascontiguousarray(arrays["bank"], dtype=np.float32)
-            self.cells = CellSearch.from_arrays(self.bank, arrays)
+            self.cells = CellSearch.from_arrays(self.bank, arrays) if fast else None
             self.support = arrays.get("support")
-            self.grid = tuple(fast["grid"])
         self.num_neighbors = int(meta.get("num_neighbors", 1))
         self.sigma = float(meta.get("sigma", 0.0))
         self.folder = folder
         self.meta: dict[str, Any] = meta
         prep = meta["preprocessing"]
-        self.resize_to = tuple(prep["resize"])
-        self.crop = tuple(prep["crop"]) if prep.get("crop") else None
-        self.input_size = tuple(meta["input_size"])
+        self.preprocessing = Preprocessing(tuple(prep["resize"]), tuple(prep["crop"]) if prep.get("crop") else None)
         self.threshold: float | None = meta.get("threshold")
         self.pixel_threshold: float | None = meta.get("pixel_threshold")
 
-    def _input(self, rgb: np.ndarray) -> np.ndarray:
-        """The (1, 3, h, w) network input, as the PyTorch path's Preprocessing makes it."""
-        a = rgb.astype(np.float32) / np.float32(255.0)
-        if a.shape[:2] != self.resize_to:
-            a = resize(a, self.resize_to, antialias=True)
-        if self.crop is not None:
-            top, left = self._crop_box()
-            a = a[top:top + self.crop[0], left:left + self.crop[1]]
-        return np.ascontiguousarray(np.clip(a, 0.0, 1.0).transpose(2, 0, 1)[None])
-
-    def _crop_box(self) -> tuple[int, int]:
-        (H, W), (h, w) = self.resize_to, self.crop
-        return int(round((H - h) / 2.0)), int(round((W - w) / 2.0))
-
-    def _to_image(self, amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """The input-size map back onto the image (outside a crop: the map's minimum, never an alarm)."""
-        if self.crop is not None:
-            full = np.full(self.resize_to, amap.min(), dtype=np.float32)
-            top, left = self._crop_box()
-            full[top:top + self.crop[0], left:left + self.crop[1]] = amap
-            amap = full
-        return resize(amap, size, antialias=False).astype(np.float32)
-
-    def _fast(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """Score and input-size map from the network graph, the exact cell search and numpy post-processing:
-        what the one-graph path computes, with a fraction of the bank compared."""
-        (feats,) = self.session.run(None, {"image": x})
-        q = feats[0]
-        dist, nn_idx, _ = self.cells.nearest(q)
-        j = int(dist.argmax())
-        score = float(dist[j])
-        if self.num_neighbors > 1 and self.support is not None:
-            sup = self.support[int(nn_idx[j])]
-            d = np.linalg.norm(self.bank[sup].astype(np.float64) - q[j].astype(np.float64), axis=1)
-            score *= eq7_weight(d)
-        return score, score_map(dist.reshape(self.grid), self.input_size, self.sigma)
-
     def score_array(self, rgb: np.ndarray, name: str = "image") -> Prediction:
         """Score one H x W x 3 uint8 image."""
-        x = self._input(rgb)
-        if self.path == "fast":
-            score, amap = self._fast(x)
-        else:
+        x = self.preprocessing.input(rgb)[None]
+        size = rgb.shape[:2]
+        if self._graph_scores:
             s, m = self.session.run(None, {"image": x})
-            score, amap = float(s[0]), m[0]
-        return Prediction(name, score, self._to_image(amap, rgb.shape[:2]), self.threshold, self.pixel_threshold)
+            score, amap = float(s[0]), self.preprocessing.to_image(m[0], size)
+        else:
+            if self.path == "fast":
+                (feats,) = self.session.run(None, {"image": x})
+                q = feats[0]
+                dist, nn_idx, _ = self.cells.nearest(q)
+            else:
+                dist, nn_idx, feats = self.session.run(None, {"image": x})
+                dist, nn_idx, q = dist[0], nn_idx[0], feats[0]
+            support = None if self.support is None else (lambda m: self.support[m])
+            score, amap = score_patches(dist, nn_idx, q, self.bank, support, self.num_neighbors, self.grid,
+                                        self.preprocessing, self.sigma, size)
+        return Prediction(name, score, amap, self.threshold, self.pixel_threshold)
 
-    def iter_predict(self, images: ImageInput | Sequence[ImageInput], skip_unreadable: bool = False
-                     ) -> Iterator[Prediction]:
+    def iter_predict(self, images: ImagesLike, skip_unreadable: bool = False) -> Iterator[Prediction]:
         """Yield a Prediction per image, one at a time (as a station scores them)."""
         self.skipped_: list[tuple[str, str]] = []
-        for name, src in _items(images):
-            try:
-                rgb = to_rgb(src, name) if isinstance(src, np.ndarray) else read_image(src)
-            except ImageError as e:
-                if not skip_unreadable:
-                    raise
-                self.skipped_.append((name, str(e)))
-                continue
-            yield self.score_array(rgb, name)
+        for item, rgb in iter_loaded(as_items(images), skip_unreadable, self.skipped_):
+            yield self.score_array(rgb, item.name)
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], skip_unreadable: bool = False) -> list[Prediction]:
+    def predict(self, images: ImagesLike, skip_unreadable: bool = False) -> list[Prediction]:
         """Score images: a file, a folder, an array, or a list of files and arrays."""
         return list(self.iter_predict(images, skip_unreadable))
 

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from . import __version__
 from .errors import ImageError, PatchCoreError
-from .imagefiles import check_image_bytes, read_image_bytes
+from .core.imagefiles import check_image_bytes, read_image_bytes
 from .inference import score_image, thresholds_in_force
 from .registry import ModelEntry, ModelRegistry
 from .visualize import png_bytes

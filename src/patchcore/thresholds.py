@@ -29,7 +29,7 @@ threshold sits at 1.0 for every product, 2.0 means twice the threshold.
 
 The anomaly map's pixel threshold (for the defect mask) is calibrated by the same rule on the per-image
 *maxima* of the calibration maps, so a good image shows a masked pixel at most at the target rate.
-:func:`mask_level` makes masks agree with verdicts: a good verdict has an empty mask, and an anomalous
+:func:`patchcore.core.prediction.mask_level` makes masks agree with verdicts: a good verdict has an empty mask, and an anomalous
 one always shows at least the region around its map's peak.
 
 Where labelled defect images are available, :func:`f1_threshold` gives the threshold with the best F1
@@ -47,10 +47,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .errors import PatchCoreError
-from .prediction import mask_level  # noqa: F401  (re-exported: it was defined here)
-
-__all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "threshold_for_far",
-           "normalized"]
+__all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "threshold_for_far"]
 
 METHODS = ("conformal", "gaussian")
 _ALIASES = {"quantile": "conformal"}  # the name of the default rule before it became split-conformal
@@ -220,10 +217,3 @@ def calibrate(model, good_images, target_far: float = 0.01, method: str = "confo
     cal.apply(model)
     model.skipped_ = skipped
     return cal
-
-
-def normalized(score: float, threshold: float | None) -> float | None:
-    """``score / threshold`` (the threshold sits at 1.0); None without a threshold."""
-    if threshold is None or threshold <= 0:
-        return None
-    return float(score) / float(threshold)

@@ -1,27 +1,20 @@
-"""Anomaly scores from a memory bank: nearest-neighbour patch distances, the paper's Eq. 7, smoothed maps."""
+"""The memory bank as the estimator searches it: exact nearest neighbours with faiss and the cell search.
+
+What is done with the distances (Eq. 7, the map) is :mod:`patchcore.core.scoring`'s, shared with the runtime.
+"""
 
 from __future__ import annotations
 
 import faiss
 import numpy as np
-import torch
-from scipy.ndimage import gaussian_filter
 
-from .postprocess import eq7_weight
-from .search import CellSearch, default_cells
-
-
-def support_order(index: int, found: np.ndarray) -> np.ndarray:
-    """N_b(m*) from the b nearest bank features of m* = ``index``: m* first, then the others in order.
-    With exact duplicates in the bank the search may not list m* itself; it is put first all the same."""
-    if index not in found:
-        return np.concatenate([[index], found[:-1]])
-    return np.concatenate([[index], found[found != index]])
+from .core.scoring import support_order
+from .core.search import CellSearch, default_cells
 
 
 class MemoryBank:
     """Exact L2 nearest-neighbour search over the bank: faiss IndexFlatL2 for k neighbours, and the cell-pruned
-    exact search of :mod:`patchcore.search` for the one nearest neighbour of every patch."""
+    exact search of :mod:`patchcore.core.search` for the one nearest neighbour of every patch."""
 
     def __init__(self, bank: np.ndarray, cells: int | None = None) -> None:
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
@@ -64,27 +57,13 @@ class MemoryBank:
             self._support[key] = found
         return found
 
+    def support_of(self, b: int):
+        """``support`` with b fixed: the callable :func:`patchcore.core.scoring.image_score` takes."""
+        b = min(int(b), len(self))
+        return lambda index: self.support(index, b)
 
-def reweighted_score(bank: MemoryBank, patch: np.ndarray, patch_score: float, nn_index: int,
-                     num_neighbors: int) -> float:
-    """The image score of Eq. 7: s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*.
-
-    ``patch`` is m_test* (the test patch with the largest score s*), ``nn_index`` its nearest bank feature m*;
-    N_b(m*) are the b nearest bank features of m*, m* itself included (so the fraction is at most 1). When m*
-    sits in a dense part of the bank the weight is about 1 - 1/b; when m* is itself a rare nominal feature
-    (its neighbours are far away) the weight approaches 1, so such patches are scored higher, relatively.
-    With b = 1 the weight would always be 0, so b = 1 means "no reweighting": s = s*.
-    """
-    if num_neighbors <= 1:
-        return float(patch_score)
-    support = bank.support(nn_index, min(num_neighbors, len(bank)))
-    dist = np.linalg.norm(bank.bank[support].astype(np.float64) - patch.astype(np.float64), axis=1)
-    return eq7_weight(dist) * float(patch_score)
-
-
-def smooth(amap: np.ndarray | torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of a score map at network input resolution (sigma 4 px in the paper)."""
-    a = amap.numpy() if isinstance(amap, torch.Tensor) else np.asarray(amap)
-    if sigma > 0:
-        a = gaussian_filter(a.astype(np.float32), sigma=sigma)
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    def support_table(self, b: int) -> np.ndarray:
+        """(K, b) int64: every bank feature's N_b at once (an export stores it for the runtime)."""
+        b = min(int(b), len(self))
+        _, nn_idx = self.search(self.bank, b)
+        return np.stack([support_order(i, row) for i, row in enumerate(nn_idx)]).astype(np.int64)

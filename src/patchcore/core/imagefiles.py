@@ -1,4 +1,6 @@
-"""Image files and arrays to RGB uint8, with numpy and Pillow only (the torch-free runtime shares this).
+"""The images a call is given (paths, folders, arrays), and image files and arrays to RGB uint8.
+
+Numpy and Pillow only: the estimator, the runtime and the service read images with this module.
 
 Everything a user might hand us ends up as an ``H x W x 3`` uint8 array: grayscale is replicated,
 alpha is dropped, 16-bit and float images are scaled to 8 bits over their full nominal range.
@@ -8,12 +10,15 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from ..errors import ImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MIN_SIDE = 32  # below this the network sees only interpolated mush; refuse rather than guess
@@ -156,3 +161,64 @@ def check_image_bytes(data: bytes, name: str = "image", max_pixels: int | None =
     except _UNREADABLE as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
     return _check_size(name, w, h, max_pixels)
+
+
+# ------------------------------------------------------------------------------------- what users pass
+ImageLike = Union[str, os.PathLike, np.ndarray]
+ImagesLike = Union[str, os.PathLike, np.ndarray, Sequence[ImageLike]]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to process: a display name and where to get its pixels."""
+
+    name: str
+    source: ImageLike
+
+    def load(self) -> np.ndarray:
+        if isinstance(self.source, np.ndarray):
+            return to_rgb(self.source, name=self.name)
+        return read_image(self.source)
+
+
+def as_items(images: ImagesLike) -> list[Item]:
+    """Normalise what users pass (a folder, a path, a list of paths or arrays, an N x H x W [x C] array)."""
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir():
+            files = list_images(p)
+            if not files:
+                raise ImageError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            return [Item(str(f), f) for f in files]
+        if not p.exists():
+            raise ImageError(f"{p}: no such file or folder")
+        return [Item(str(p), p)]
+    if isinstance(images, np.ndarray):
+        # N x H x W x C and N x H x W (no channel axis of 1, 3 or 4) are batches; the rest one image.
+        if images.ndim == 4 or (images.ndim == 3 and images.shape[2] not in (1, 3, 4)):
+            return [Item(f"array[{i}]", a) for i, a in enumerate(images)]
+        return [Item("array", images)]
+    items = []
+    for i, x in enumerate(images):
+        if isinstance(x, np.ndarray):
+            items.append(Item(f"array[{i}]", x))
+        elif isinstance(x, (str, os.PathLike)):
+            items.append(Item(str(x), Path(x)))
+        else:
+            raise ImageError(f"item {i}: expected a path or a numpy array, got {type(x).__name__}")
+    if not items:
+        raise ImageError("no images given")
+    return items
+
+
+def iter_loaded(items: Iterable[Item], skip_unreadable: bool = False,
+                skipped: list[tuple[str, str]] | None = None) -> Iterator[tuple[Item, np.ndarray]]:
+    """Yield (item, rgb array); unreadable ones raise, or are skipped and recorded when asked."""
+    for item in items:
+        try:
+            yield item, item.load()
+        except ImageError as e:
+            if not skip_unreadable:
+                raise
+            if skipped is not None:
+                skipped.append((item.name, str(e)))
