@@ -21,7 +21,6 @@ import time
 
 import patchcore.coreset as coreset
 from patchcore import PatchCore
-from patchcore.images import as_items
 
 from _data import add_data_argument
 from fit_scaling import product
@@ -35,8 +34,7 @@ def main() -> None:
     add_data_argument(ap)
     args = ap.parse_args()
     model = PatchCore(device="cpu", image_size=256)
-    model.skipped_ = []
-    feats, _ = model._extract(as_items(product("screw", args.images, args.data)), False, None)
+    feats, _ = model.extract(product("screw", args.images, args.data))
     z = coreset.random_projection(feats.reshape(-1, feats.shape[-1]), model.projection_dim, model.seed).contiguous()
     del feats
     n = coreset.coreset_size(len(z), model.coreset_ratio)

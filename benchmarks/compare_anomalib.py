@@ -66,14 +66,15 @@ def ours_worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     from patchcore import PatchCore, __version__
-    from patchcore.images import list_images, read_image
+    from patchcore.core.imagefiles import read_image
+    from patchcore.datasets import read_mvtec
 
     cat_dir = args.category_dir.resolve()
     model = PatchCore(backbone="efficientnet_lite0", layers=LAYERS, preset="full", image_size=args.image_size,
                       coreset_ratio=args.coreset_ratio, num_neighbors=args.num_neighbors, seed=args.seed,
                       device="cpu")
     rss_after_setup = peak_rss_mb()
-    train_paths = list_images(cat_dir / "train" / "good")
+    train_paths = read_mvtec(cat_dir).train
     if args.max_train is not None:
         train_paths = train_paths[: args.max_train]
     paths = test_paths(cat_dir)

@@ -20,13 +20,12 @@ import torch
 from patchcore import PatchCore
 from patchcore.coreset import (
     cell_coreset,
-    cell_labels,
     coreset_size,
     coverage_radius,
     greedy_coreset,
+    kmeans_cells,
     random_projection,
 )
-from patchcore.images import as_items
 
 from _data import add_data_argument
 from fit_scaling import product
@@ -41,8 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = PatchCore(device="cpu", image_size=256)
-    model.skipped_ = []
-    feats, _ = model._extract(as_items(product("screw", args.images, args.data)), False, None)
+    feats, _ = model.extract(product("screw", args.images, args.data))
     n_img, h, w, d = feats.shape
     flat = feats.reshape(-1, d)
     z = random_projection(flat, model.projection_dim, model.seed)
@@ -57,7 +55,9 @@ def main() -> None:
 
     def in_cells(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         cells = max(1, -(-len(x) // cell))
-        return cell_coreset(x, k, cell_labels(x, cells, seed), seed) if cells > 1 else greedy_coreset(x, k, seed=seed)
+        if cells == 1:
+            return greedy_coreset(x, k, seed=seed)
+        return cell_coreset(x, k, kmeans_cells(x, cells, seed)[0], seed)
 
     for frac in args.frac:
         t = time.perf_counter()

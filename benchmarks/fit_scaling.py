@@ -34,8 +34,8 @@ from _data import DATA, add_data_argument, mvtec
 def product(category: str, n: int, data: Path = DATA) -> np.ndarray:
     """n good images of ``category`` (under ``data``/mvtec_ad): its training images, then their flips and
     quarter turns."""
+    from patchcore.core.imagefiles import read_image
     from patchcore.datasets import read_mvtec
-    from patchcore.images import read_image
 
     base = [read_image(f) for f in read_mvtec(mvtec(data) / category).train]
     out = []
@@ -73,10 +73,9 @@ def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str =
 
         from patchcore.datasets import load_mask, read_mvtec
         from patchcore.evaluate import compute_metrics
-        from patchcore.images import as_items
 
         # Coverage radius on the projection the coreset was selected on (all features of the product).
-        feats, _ = model._extract(as_items(imgs), False, None)
+        feats, _ = model.extract(imgs)
         flat = feats.reshape(-1, feats.shape[-1])
         z = random_projection(flat, model.projection_dim, model.seed)
         bank_z = random_projection(torch.from_numpy(model.memory_bank_), model.projection_dim, model.seed)
@@ -94,7 +93,7 @@ def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str =
 
 def _radius(z, bank_z) -> float:
     """Largest distance of any projected feature to the projected bank (exact, cell-pruned search)."""
-    from patchcore.search import CellSearch, default_cells
+    from patchcore.core.search import CellSearch, default_cells
 
     cs = CellSearch(np.ascontiguousarray(bank_z.numpy()), default_cells(len(bank_z)))
     return float(max(cs.nearest(np.ascontiguousarray(z[i:i + 200_000].numpy()))[0].max()

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from patchcore import PatchCore
+from patchcore.core.imagefiles import read_image
 from patchcore.coreset import select, shard_coresets
 from patchcore.datasets import load_mask, read_mvtec
-from patchcore.images import as_items, read_image
 from patchcore.metrics import aupro, image_auroc, pixel_auroc
 from patchcore.scoring import MemoryBank, reweighted_score, smooth
 
@@ -51,9 +51,8 @@ def feats(cat, cfg_name, params, split, aug=None):
     elif aug == "flip8":
         imgs = [np.ascontiguousarray(np.rot90(a[:, ::-1] if fl else a, k))
                 for fl in (0, 1) for k in range(4) for a in imgs]
-    m.skipped_ = []
     t = time.perf_counter()
-    x, _ = m._extract(as_items(imgs), False, None)
+    x, _ = m.extract(imgs)
     print(f"extract {cat} {cfg_name} {split} {aug}: {x.shape} {time.perf_counter()-t:.1f}s", flush=True)
     np.save(f, x.numpy())
     return x
