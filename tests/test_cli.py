@@ -265,6 +265,7 @@ def test_evaluate_with_report(bottle, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- threshold on real data
+@pytest.mark.slow
 def test_cross_fitted_threshold_gives_target_false_alarm_rate_on_test_good(bottle, tmp_path):
     """Fit on 60 good images, calibrate 5 % on all 60 cross-fitted; test/good's (20) false-alarm rate must be
     plausible. Tolerance: the count must lie in the central 99 % of Binomial(20, 0.05), i.e. 0 to 4 of 20.

@@ -77,7 +77,6 @@ def test_shards_partition_the_images_within_calibration_folds(n_images, per_imag
     import numpy as np
 
     from patchcore import PatchCore
-
     from patchcore.coreset import CoresetSampler
 
     m = PatchCore(sampler=CoresetSampler(shard_features=limit), calibration_folds=folds, seed=seed)
@@ -194,6 +193,7 @@ def test_cells_far_apart_are_covered_within_twice_the_exact_greedy_radius(n_cell
     assert coverage_radius(z, got) <= 2 * coverage_radius(z, exact) + 1e-4
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(n_points=st.integers(20, 6000), frac=st.floats(0.01, 0.5), seed=st.integers(0, 10_000),
        cell=st.sampled_from([10, 100, 1600]))
@@ -212,6 +212,7 @@ def test_lazy_selection_never_picks_a_point_twice():
     assert len(set(got)) == 100 and coverage_radius(z, torch.tensor(got)) == 0.0
 
 
+@pytest.mark.slow
 def test_cells_cover_real_patch_features_almost_like_the_exact_selection(bottle):
     """On real patch features the cells' borders cost a little coverage (docs/scaling.md: +5 % on screw), which
     the exchange of centres between cells takes back; shards of whole images cost much more (each spends its

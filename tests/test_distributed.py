@@ -48,6 +48,7 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_ray_predict_writes_exactly_what_one_process_writes(small_model, test_images, tmp_path):
     one, on_ray, default = tmp_path / "one", tmp_path / "ray", tmp_path / "default"
     # Ray gives each worker one CPU, hence one torch thread; the forward pass's float rounding depends on the
@@ -71,6 +72,7 @@ def test_ray_predict_writes_exactly_what_one_process_writes(small_model, test_im
     np.testing.assert_allclose([x["score"] for x in c], [x["score"] for x in b["images"]], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_ray_predict_resumes_where_it_stopped(small_model, test_images, tmp_path):
     files = sorted(p for p in test_images.rglob("*.png"))
     names = [f"{p.parent.name}__{p.stem}" for p in files]
@@ -104,6 +106,7 @@ def test_interrupted_ray_predict_resumes_where_it_stopped(small_model, test_imag
         predict_files(small_model, files, names, out, threshold=1.0)
 
 
+@pytest.mark.slow
 def test_fit_many_on_ray_equals_single_fits_and_survives_a_bad_product(bottle, tmp_path):
     screw = bottle.parent / "screw"
     if not (screw / "train" / "good").is_dir():
@@ -143,6 +146,7 @@ def test_without_ray_the_cli_says_how_to_install_it(small_model, tmp_path):
         assert len(r.stderr.strip().splitlines()) <= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_by,exchange,rotations", [
     ("features", False, ()), ("features", True, ()), ("images", False, ()), ("images", False, (180,))])
 def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by, exchange, rotations):
@@ -167,6 +171,7 @@ def test_large_product_fit_on_ray_equals_the_local_fit(bottle, shard_by, exchang
     assert remote.calibration_["n"] == local.calibration_["n"] == 30
 
 
+@pytest.mark.slow
 def test_fit_many_cli_reports_every_product_and_fails_if_one_did(bottle, tmp_path):
     root = tmp_path / "products"
     for name in ("cap_a", "cap_b"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from patchcore.core.geometry import Preprocessing
 from patchcore.datasets import Dataset, read_mvtec
 from patchcore.errors import DatasetError, PatchCoreError
 from patchcore.evaluate import (
@@ -20,7 +21,6 @@ from patchcore.evaluate import (
     evaluate_dataset,
     find_categories,
 )
-from patchcore.core.geometry import Preprocessing
 from patchcore.settings import PRESETS
 
 DATA = Path(os.environ.get("PATCHCORE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -47,6 +47,7 @@ def small_bottle() -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 @needs_bottle
 def test_bottle_end_to_end(bottle_report):
     (r,) = bottle_report.results
@@ -72,6 +73,7 @@ def test_bottle_end_to_end(bottle_report):
     assert "image AUROC" in bottle_report.format_table()
 
 
+@pytest.mark.slow
 @needs_bottle
 def test_report_files(bottle_report, tmp_path):
     js = bottle_report.to_json(tmp_path / "report.json")
@@ -111,6 +113,7 @@ def test_report_files(bottle_report, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- determinism
+@pytest.mark.slow
 @needs_bottle
 def test_same_seed_gives_identical_results():
     ds = small_bottle()

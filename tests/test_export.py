@@ -62,6 +62,7 @@ def bottle_exported(_exports, tmp_path_factory):
     return _export("bottle", _exports, tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_runtime_matches_pytorch_on_the_real_test_set(exported):
     name, cat, model, folder, meta = exported
     files = _test_images(cat)[::2]  # every other test image: good and every defect type
@@ -86,6 +87,7 @@ def test_runtime_matches_pytorch_on_the_real_test_set(exported):
     assert written["source_model"]["sha256"] == meta["source_model"]["sha256"]
 
 
+@pytest.mark.slow
 def test_crop_preset_and_odd_sized_images_keep_parity(tmp_path):
     """The paper preset (centre crop) and images that must be resized: the runtime's numpy resizes."""
     cat = _category("bottle")
@@ -122,6 +124,7 @@ def test_runtime_imports_no_torch():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_export_refuses_to_replace_user_files_and_overwrites_only_an_export(bottle_exported, tmp_path):
     name, cat, model, folder, _ = bottle_exported
     busy = tmp_path / "busy"
@@ -139,6 +142,7 @@ def test_export_refuses_to_replace_user_files_and_overwrites_only_an_export(bott
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
+@pytest.mark.slow
 def test_a_parity_failure_writes_nothing(bottle_exported, tmp_path, monkeypatch):
     name, cat, model, folder, _ = bottle_exported
     real = runtime.Runtime.score_array
@@ -154,6 +158,7 @@ def test_a_parity_failure_writes_nothing(bottle_exported, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_runtime_refuses_foreign_and_tampered_exports(bottle_exported, tmp_path):
     name, cat, model, folder, _ = bottle_exported
     with pytest.raises(ModelFileError, match="not a patchcore export"):
@@ -173,6 +178,7 @@ def test_runtime_refuses_foreign_and_tampered_exports(bottle_exported, tmp_path)
         runtime.load(copy)
 
 
+@pytest.mark.slow
 def test_export_command(small_model, tmp_path):
     res = CliRunner().invoke(app, ["export", str(small_model), "-o", str(tmp_path / "x"), "--json"])
     assert res.exit_code == 0, res.output

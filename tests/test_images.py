@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.errors import ImageError
 from patchcore.core.geometry import Preprocessing
 from patchcore.core.imagefiles import as_items, list_images, read_image, to_rgb
+from patchcore.errors import ImageError
 from patchcore.settings import PRESETS
 
 

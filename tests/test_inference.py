@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.errors import ImageError, PatchCoreError
 from patchcore.core.imagefiles import check_image_bytes, read_image, read_image_bytes
+from patchcore.errors import ImageError, PatchCoreError
 from patchcore.inference import defect_polygons, load_model, result_of, score_image, thresholds_in_force
 
 

@@ -33,6 +33,7 @@ def fitted(bottle):
     return model, model.predict([s.path for s in bottle.test])
 
 
+@pytest.mark.slow
 def test_bottle_reaches_the_paper_level(bottle, fitted):
     model, preds = fitted
     labels = [s.label for s in bottle.test]
@@ -45,6 +46,7 @@ def test_bottle_reaches_the_paper_level(bottle, fitted):
     assert info["bank_size"] == int(info["n_features"] * 0.1)
 
 
+@pytest.mark.slow
 def test_maps_cover_the_whole_image_at_its_own_size(fitted, tmp_path):
     model, preds = fitted
     assert all(p.anomaly_map.shape == (256, 256) and p.anomaly_map.dtype == np.float32 for p in preds)
@@ -59,6 +61,7 @@ def test_maps_cover_the_whole_image_at_its_own_size(fitted, tmp_path):
     assert p_bad.score > p_good.score
 
 
+@pytest.mark.slow
 def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     model, preds = fitted
     path = model.save(tmp_path / "bottle.safetensors")
@@ -114,6 +117,7 @@ def test_grayscale_category_fits(tmp_path):
     assert np.isfinite(p.score) and p.anomaly_map.shape == (256, 256)
 
 
+@pytest.mark.slow
 def test_bad_model_files(fitted, tmp_path):
     model, _ = fitted
     good = model.save(tmp_path / "m.safetensors")

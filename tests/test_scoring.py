@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from patchcore.bank import MemoryBank
 from patchcore.core.scoring import image_score, score_map
 

@@ -2,6 +2,7 @@
 
 import faiss
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +44,7 @@ def test_same_neighbours_as_brute_force(seed, n, d, cells, spread):
     assert (idx == ref_i).mean() > 0.95
 
 
+@pytest.mark.slow
 def test_real_patches_give_brute_force_scores_comparing_a_fraction_of_the_bank(bottle):
     from patchcore import PatchCore
 

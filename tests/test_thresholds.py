@@ -4,9 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from patchcore.errors import PatchCoreError
 from patchcore import Prediction
 from patchcore.core.prediction import mask_level
+from patchcore.errors import PatchCoreError
 from patchcore.thresholds import (
     calibrate_scores,
     f1_threshold,
