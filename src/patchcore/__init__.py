@@ -9,9 +9,8 @@ __version__ = "0.1.0"
 # runtime starts, so here; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import (BackboneError, DatasetError, ImageError, ModelFileError,  # noqa: E402
-                     NotFittedError, PatchCoreError)
 from .core.prediction import Prediction  # noqa: E402
+from .errors import BackboneError, DatasetError, ImageError, ModelFileError, NotFittedError, PatchCoreError  # noqa: E402
 
 
 def __getattr__(name: str):

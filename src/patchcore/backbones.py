@@ -182,7 +182,7 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _Reached(Exception):
+class _Reached(Exception):  # noqa: N818 - a signal that stops the forward pass, not an error
     """Raised by the hook on the deepest tapped layer, so the rest of the network never runs."""
 
 

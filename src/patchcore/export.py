@@ -167,8 +167,8 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
         meta["parity"] = {}
         for path in ("fast", "graph"):
             result = parity(model, Runtime(tmp, path=path), check)
-            meta["parity"][path] = {**result, "checked_on": "given images" if images is not None else "generated images",
-                                    "score_rtol": SCORE_RTOL, "map_tol": MAP_TOL}
+            checked_on = "given images" if images is not None else "generated images"
+            meta["parity"][path] = {**result, "checked_on": checked_on, "score_rtol": SCORE_RTOL, "map_tol": MAP_TOL}
             if not (result["score_max_rel_diff"] <= SCORE_RTOL and result["map_max_diff_of_range"] <= MAP_TOL
                     and result["verdicts_identical"]):
                 raise PatchCoreError(

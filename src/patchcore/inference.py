@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ImageError, ModelFileError, PatchCoreError
 from .core.prediction import Prediction
+from .errors import ImageError, ModelFileError, PatchCoreError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .model import PatchCore

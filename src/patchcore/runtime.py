@@ -60,7 +60,8 @@ class Runtime:
         if fmt != EXPORT_FORMAT:
             raise ModelFileError(f"{meta_path}: not a patchcore export")
         if version > EXPORT_VERSION:
-            raise ModelFileError(f"{folder}: export format {version} is newer than this runtime reads; upgrade patchcore")
+            raise ModelFileError(f"{folder}: export format {version} is newer than this runtime reads; "
+                                 f"upgrade patchcore")
         if path not in ("auto", "fast", "graph"):
             raise PatchCoreError(f"path must be 'auto', 'fast' or 'graph', got {path!r}")
         if path == "auto":

@@ -33,13 +33,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .errors import ImageError, PatchCoreError
 from .core.imagefiles import check_image_bytes, read_image_bytes
+from .errors import ImageError, PatchCoreError
 from .inference import score_image, thresholds_in_force
 from .registry import ModelEntry, ModelRegistry
 from .visualize import png_bytes

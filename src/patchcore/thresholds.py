@@ -29,8 +29,8 @@ threshold sits at 1.0 for every product, 2.0 means twice the threshold.
 
 The anomaly map's pixel threshold (for the defect mask) is calibrated by the same rule on the per-image
 *maxima* of the calibration maps, so a good image shows a masked pixel at most at the target rate.
-:func:`patchcore.core.prediction.mask_level` makes masks agree with verdicts: a good verdict has an empty mask, and an anomalous
-one always shows at least the region around its map's peak.
+:func:`patchcore.core.prediction.mask_level` makes masks agree with verdicts: a good verdict has an empty
+mask, and an anomalous one always shows at least the region around its map's peak.
 
 Where labelled defect images are available, :func:`f1_threshold` gives the threshold with the best F1
 over good + defect scores; it is stored beside the FAR threshold and can be chosen instead.
@@ -47,6 +47,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .errors import PatchCoreError
+
 __all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "threshold_for_far"]
 
 METHODS = ("conformal", "gaussian")
