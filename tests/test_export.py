@@ -198,3 +198,21 @@ def test_command_on_a_runtime_only_install_says_what_to_install():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert 'pip install "patchcore[full]"' in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_export_of_format_1_still_scores_as_its_model(tmp_path):
+    """Format 1 (before the restructure) computed the score and the map inside model.onnx; its fast path and
+    its graph still load, and both score as the model file they were exported from (written by that version)."""
+    fixtures = Path(__file__).parent / "fixtures"
+    folder = fixtures / "legacy_export_v1"
+    assert json.loads((folder / "patchcore.json").read_text())["format_version"] == 1
+    model = PatchCore.load(fixtures / "legacy_export_v1.safetensors", device="cpu")
+    images = [DATA / "mvtec_ad" / "bottle" / "test" / "broken_large" / "000.png",
+              DATA / "mvtec_ad" / "bottle" / "test" / "good" / "000.png"]
+    ref = model.predict(images)
+    for path in ("fast", "graph"):
+        got = runtime.load(folder, path=path).predict(images)
+        for a, b in zip(ref, got):
+            assert abs(a.score - b.score) <= 1e-4 * a.score
+            assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-3 * np.ptp(a.anomaly_map)
+            assert a.is_anomalous == b.is_anomalous
