@@ -27,7 +27,7 @@ def clustered(n: int, d: int, seed: int) -> torch.Tensor:
 
 @settings(max_examples=25, deadline=None)
 @given(n_points=st.integers(20, 3000), frac=st.floats(0.01, 0.5), seed=st.integers(0, 10_000),
-       method=st.sampled_from(["plain", "pruned"]))
+       method=st.sampled_from(["plain", "lazy"]))
 def test_same_selection_as_the_plain_loop(n_points, frac, seed, method):
     z = clustered(n_points, 16, seed)
     n = max(1, int(n_points * frac))
