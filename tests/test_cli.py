@@ -381,6 +381,7 @@ def test_a_folder_given_as_the_model_is_named_as_such(fitted, tmp_path):
 
 def test_long_output_names_are_shown_whole(fitted, bottle, tmp_path, monkeypatch):
     from patchcore import cli
+    from patchcore.jobs import output_names
 
     model, _, _ = fitted
     far = link_images(bottle / "test" / "good", tmp_path / "a_rather_long_folder_name" / "and_another_one",
@@ -394,4 +395,4 @@ def test_long_output_names_are_shown_whole(fitted, bottle, tmp_path, monkeypatch
     for n in names:
         assert n in first_column, (n, res.stdout)
     # One folder given: names are relative to it.
-    assert cli.output_names([far / "000.png"], base=far.parent) == ["and_another_one__000"]
+    assert output_names([far / "000.png"], base=far.parent) == ["and_another_one__000"]

@@ -10,20 +10,15 @@ stderr); ``--quiet`` prints nothing but errors.
 
 from __future__ import annotations
 
-import os
-import sys
-
-import contextlib
-import csv
+import dataclasses
 import functools
 import json
-import shutil
+import sys
 import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
 import typer
 from rich import box
 from rich.console import Console
@@ -35,10 +30,9 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import ImageError, PatchCoreError
-from .inference import THRESHOLD_OVERRIDDEN, check_headers, describe_threshold, load_model  # noqa: F401
+from .inference import check_headers, describe_threshold, load_model
 from .inference import percent as _percent
-from .inference import thresholds_in_force
-from .results import RESULT_DIRS
+from .jobs import check_out_dir, check_out_parent, collect_images, fit_folder, predict_folder, results_folder
 
 APP_HELP = (
     "PatchCore visual anomaly detection from the shell.\n\n"
@@ -88,9 +82,6 @@ app = typer.Typer(help=APP_HELP, no_args_is_help=True, add_completion=False, pre
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
-
-RESULT_FILES = ("summary.csv", "summary.json", "report.html", "results.json", "results.csv", "progress.jsonl")
-GOOD_FOLDER_NAMES = {"good", "ok", "normal", "pass"}
 
 
 class CliError(PatchCoreError):
@@ -182,93 +173,12 @@ class _Progress:
         self._bar.update(task, completed=done, total=total, description=desc)
 
 
-def good_images_of(data: Path) -> tuple[list[Path], str]:
-    """The good images of DATA: a folder of images, an MVTec category (train/good) or a folder layout (good/)."""
-    from .core.imagefiles import list_images
-
-    if not data.exists():
-        raise CliError(f"{data}: no such folder")
-    if not data.is_dir():
-        raise CliError(f"{data}: not a folder; give a folder of good images or a dataset folder")
-    for sub, layout in (("train/good", "MVTec category (train/good)"), ("good", "folder layout (good/)")):
-        if (data / sub).is_dir():
-            found = list_images(data / sub)
-            if not found:
-                raise CliError(f"{data / sub}: holds no images")
-            return found, layout
-    found = list_images(data)
-    if not found:
-        raise CliError(f"{data}: holds no images, and no train/good/ or good/ subfolder")
-    return found, "folder of good images"
-
-
-def _check_model_target(output: Path, overwrite: bool) -> None:
-    if output.is_dir():
-        raise CliError(f"{output} is a folder; give a model file name such as model.safetensors")
-    if output.exists() and not overwrite:
-        raise CliError(f"{output} already exists; choose another name or pass --overwrite")
-    if not output.parent.is_dir():
-        raise CliError(f"{output.parent}: folder does not exist")
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-folder, or a folder that already holds anything unless --overwrite (before long work)."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CliError(f"{out} already holds results (is not empty); choose another folder or pass --overwrite")
-
-
-def _clear_results(out: Path) -> None:
-    """Remove the result files and folders we write (never anything else in OUT)."""
-    for d in RESULT_DIRS:
-        if (out / d).is_dir():
-            shutil.rmtree(out / d)
-    for f in RESULT_FILES:
-        if (out / f).is_file():
-            (out / f).unlink()
-
-
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Check the folder as _check_out_dir does; then clear our earlier results only."""
-    _check_out_dir(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
-        _clear_results(out)
-    if not out.parent.is_dir():
-        raise CliError(f"{out.parent}: folder does not exist")
-    out.mkdir(exist_ok=True)
-
-
-@contextlib.contextmanager
-def _results_folder(out: Path, overwrite: bool):
-    """Prepare OUT for this run's results; if the run fails (or is interrupted), remove what it wrote, and OUT
-    itself if this run made it, so that the same command can simply be run again."""
-    made = not out.exists()
-    _prepare_out_dir(out, overwrite)
-    try:
-        yield out
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _clear_results(out)
-            if made:
-                out.rmdir()  # only when empty: never takes anything else with it
-        raise
-
-
-def _skip_reason(name: str, reason: str) -> str:
-    """The reason without the leading "NAME: " that ImageError messages carry (the name is shown beside it)."""
-    return reason[len(name) + 2:] if reason.startswith(f"{name}: ") else reason
-
-
-def _skipped_json(skipped: list[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"name": n, "reason": _skip_reason(n, r)} for n, r in skipped]
-
-
-def _print_skipped(skipped: list[tuple[str, str]], quiet: bool) -> None:
+def _print_skipped(skipped: list[dict[str, str]], quiet: bool) -> None:
+    """The summaries' "skipped" rows (name, reason), on stderr."""
     if skipped and not quiet:
         err_console.print(f"skipped {len(skipped)} unreadable image(s):", style="yellow")
-        for name, reason in skipped:
-            err_console.print(f"  {name}: {_skip_reason(name, reason)}", markup=False, soft_wrap=True)
+        for s in skipped:
+            err_console.print(f"  {s['name']}: {s['reason']}", markup=False, soft_wrap=True)
 
 
 _load_model = load_model  # the library's: friendly errors for a folder or a damaged file
@@ -320,11 +230,18 @@ def _rotations(text: str | None) -> tuple[int, ...] | None:
                        f"got {text!r}") from None
 
 
-def _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device, batch_size,
-                  backbone_weights, border_pad=None, rotations=None) -> dict[str, Any]:
+def _model_params(*, backbone: str | None, coreset_ratio: float, preset: str, image_size: int | None,
+                  num_neighbors: int, sigma: float, seed: int, device: str, batch_size: int, target_far: float,
+                  backbone_weights: Path | None = None, border_pad: int | None = None, rotations: str | None = None,
+                  **more: Any) -> dict[str, Any]:
+    """The PatchCore settings of the model options that fit, fit-many and evaluate share (``more``: others,
+    such as calibration_folds), checked as the command line spells them."""
+    from .settings import check_target_far
+
+    check_target_far(target_far, "--target-far")
     p = {"backbone": backbone, "coreset_ratio": coreset_ratio, "preset": preset, "image_size": image_size,
          "num_neighbors": num_neighbors, "sigma": sigma, "seed": seed, "device": device, "batch_size": batch_size,
-         "border_pad": border_pad, "rotations": _rotations(rotations)}
+         "border_pad": border_pad, "rotations": _rotations(rotations), "target_far": target_far, **more}
     if backbone_weights is not None:
         if not backbone_weights.is_file():
             raise CliError(f"{backbone_weights}: no such weights file")
@@ -407,7 +324,8 @@ def fit(
                                                             "production camera) to calibrate on instead of the "
                                                             "cross-fitted scores.")] = None,
     defects: Annotated[Optional[Path], typer.Option(help="Folder of labelled defective images: adds the "
-                                                         "F1-optimal threshold (with the good calibration scores).")] = None,
+                                                         "F1-optimal threshold (with the good calibration "
+                                                         "scores).")] = None,
     target_far: Annotated[float, typer.Option(help="Target false-alarm rate on good images, e.g. 0.01 = 1 in "
                                                    "100 good parts rejected.")] = 0.01,
     threshold_method: Annotated[ThresholdMethod, typer.Option(
@@ -441,113 +359,46 @@ def fit(
     json_out: JsonOut = False,
 ) -> None:
     """Fit a model on good images and calibrate its pass/fail threshold for a target false-alarm rate."""
-    from .core.imagefiles import list_images
-    from .model import PatchCore
-
-    _check_model_target(output, overwrite)
-    if ray is not None:
-        from .distributed import require_ray
-
-        require_ray()
-    goods, layout = good_images_of(data)
-    val_imgs = None
-    if validation is not None:
-        if not validation.is_dir():
-            raise CliError(f"{validation}: no such folder (--validation)")
-        val_imgs = list_images(validation)
-        if len(val_imgs) < 2:
-            raise CliError(f"{validation}: needs at least 2 good images to calibrate on")
-    elif folds < 2:
-        raise CliError(f"--folds must be at least 2 to calibrate on the fitted images, got {folds}; "
-                       f"or give --validation DIR")
-    elif len(goods) < 2:
-        raise CliError(f"{data}: {len(goods)} good image; cross-fitting needs at least 2 (or give --validation)")
-    defect_imgs = None
-    if defects is not None:
-        if not defects.is_dir():
-            raise CliError(f"{defects}: no such folder (--defects)")
-        defect_imgs = list_images(defects)
-        if not defect_imgs:
-            raise CliError(f"{defects}: holds no images (--defects)")
-    if threshold_from == ThresholdFrom.f1 and defect_imgs is None:
-        raise CliError("--threshold-from f1 needs --defects DIR (labelled defective images)")
-    if not 0.0 < target_far < 1.0:
-        raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
-
-    if not skip_unreadable:
-        _check_headers(goods + (val_imgs or []) + (defect_imgs or []))
-    params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
-                           batch_size, backbone_weights, border_pad, rotations)
-    # With a validation folder the cross-fit would be thrown away: skip its cost.
-    params.update(target_far=target_far, calibration_folds=0 if val_imgs is not None else folds)
-    model = PatchCore(**params)
-    t0 = time.perf_counter()
-    try:
-        with _Progress(not (quiet or json_out)) as prog:
-            if ray is not None:
-                from .distributed import fit_on_ray
-
-                if skip_unreadable:
-                    raise CliError("--skip-unreadable does not work with --ray; leave the unreadable images out")
-                model = fit_on_ray(goods, params, address=None if ray == "local" else ray, progress=prog)
-            else:
-                model.fit(goods, skip_unreadable=skip_unreadable, progress=prog)
-            skipped = list(model.skipped_)
-            prog.stage("calibrating")
-            cal = model.calibrate(val_imgs, target_far=target_far, method=threshold_method.value,
-                                  defect_images=defect_imgs, threshold_from=threshold_from.value,
-                                  skip_unreadable=skip_unreadable, progress=prog)
-            skipped += list(model.skipped_)
-    except ImageError as e:
-        raise _image_error_hint(e) from None
-    if val_imgs is not None:
-        cal.source = f"validation folder {validation}"
-    cal.extra.update({"data": str(data), "layout": layout})
-    cal.apply(model)
-    cal_dict = cal.to_dict()
-    model.save(output, overwrite=overwrite)
-    seconds = time.perf_counter() - t0
-    info = model.fit_info_
-    warning = None if cal.resolved or cal.threshold_from == "f1" else cal.statement
-    summary = {
-        "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
-        "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": cal.source,
-        "n_defect": cal.n_defect, "bank_size": info["bank_size"], "threshold": cal.threshold,
-        "threshold_from": cal.threshold_from, "pixel_threshold": cal.pixel_threshold,
-        "far_threshold": cal.far_threshold, "f1_threshold": cal.f1_threshold, "f1": cal.f1,
-        "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,
-        "guaranteed_far": cal.guaranteed_far, "needed_n": cal.needed_n,
-        "calibration_far": cal.calibration_far, "good_score_mean": cal.mean, "good_score_std": cal.std,
-        "good_score_max": cal.max, "seconds": seconds, "calibration_seconds": info.get("calibration_seconds"),
-        "params": model.get_params(),
-        "threshold_source": describe_threshold(cal_dict, False), "guarantee": cal.statement,
-        "skipped": _skipped_json(skipped), "warning": warning,
-    }
+    params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
+                           num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
+                           batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
+                           border_pad=border_pad, rotations=rotations)
+    with _Progress(not (quiet or json_out)) as prog:
+        try:
+            summary = fit_folder(data, output, params, folds=folds, validation=validation, defects=defects,
+                                 threshold_method=threshold_method.value, threshold_from=threshold_from.value,
+                                 use_ray=ray is not None, address=None if ray in (None, "local") else ray,
+                                 skip_unreadable=skip_unreadable, overwrite=overwrite, progress=prog,
+                                 stage=prog.stage)
+        except ImageError as e:
+            raise _image_error_hint(e) from None
     if json_out:
         _emit_json(summary)
-    _print_skipped(skipped, quiet or json_out)
-    if warning and not quiet and not json_out:
-        err_console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
+    _print_skipped(summary["skipped"], quiet or json_out)
+    if summary["warning"] and not quiet and not json_out:
+        err_console.print(f"warning: {summary['warning']}", style="yellow", markup=False, soft_wrap=True)
     if quiet or json_out:
         return
     t = Table(title=f"model written: {output}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    rows = [("good images", f"{len(goods)} ({layout})"),
-            ("fitted on", f"{info['n_images']} images -> memory bank of {info['bank_size']} patches"),
-            ("calibrated on", f"{cal.n} good images ({cal.source})"),
-            ("threshold", f"{cal.threshold:.6g}  ({describe_threshold(cal_dict, False)})"),
-            ("guarantee", cal.statement),
-            ("good calibration scores", f"mean {cal.mean:.4g}, std {cal.std:.3g}, max {cal.max:.4g}; "
-                                        f"{_percent(cal.calibration_far)} at or above the threshold"),
-            ("pixel threshold (masks)", f"{cal.pixel_threshold:.6g}")]
-    if cal.f1_threshold is not None:
-        rows.append(("F1-optimal threshold", f"{cal.f1_threshold:.6g}  (F1 {cal.f1:.3f} on {cal.n} good + "
-                                             f"{cal.n_defect} defective)"))
-    rows.append(("skipped", str(len(skipped))))
-    timing = f"{seconds:.1f} s"
-    if info.get("calibration_seconds"):
-        timing += f" (of which cross-fitted calibration {info['calibration_seconds']:.1f} s)"
+    n_cal = summary["n_calibration"]
+    rows = [("good images", f"{summary['n_good']} ({summary['layout']})"),
+            ("fitted on", f"{summary['n_fit']} images -> memory bank of {summary['bank_size']} patches"),
+            ("calibrated on", f"{n_cal} good images ({summary['calibration_source']})"),
+            ("threshold", f"{summary['threshold']:.6g}  ({summary['threshold_source']})"),
+            ("guarantee", summary["guarantee"]),
+            ("good calibration scores", f"mean {summary['good_score_mean']:.4g}, std {summary['good_score_std']:.3g}, "
+                                        f"max {summary['good_score_max']:.4g}; "
+                                        f"{_percent(summary['calibration_far'])} at or above the threshold"),
+            ("pixel threshold (masks)", f"{summary['pixel_threshold']:.6g}")]
+    if summary["f1_threshold"] is not None:
+        rows.append(("F1-optimal threshold", f"{summary['f1_threshold']:.6g}  (F1 {summary['f1']:.3f} on {n_cal} "
+                                             f"good + {summary['n_defect']} defective)"))
+    rows.append(("skipped", str(len(summary["skipped"]))))
+    timing = f"{summary['seconds']:.1f} s"
+    if summary["calibration_seconds"]:
+        timing += f" (of which cross-fitted calibration {summary['calibration_seconds']:.1f} s)"
     rows.append(("time", timing))
     for k, v in rows:
         t.add_row(k, v)
@@ -585,6 +436,7 @@ def fit_many_cmd(
     """Fit one model per product folder (as `patchcore fit` would, cross-fitted threshold included); report
     every product's outcome. A product that fails does not stop the others; the exit status is 1 if any did."""
     from .distributed import fit_many, products_of, require_ray
+    from .model import PatchCore
 
     if ray is not None:
         require_ray()
@@ -593,14 +445,10 @@ def fit_many_cmd(
         raise CliError(f"{output} exists and is not a folder")
     if not output.parent.resolve().is_dir():
         raise CliError(f"{output.parent}: folder does not exist")
-    if not 0.0 < target_far < 1.0:
-        raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
-    params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, "cpu",
-                           batch_size, None, border_pad, rotations)
-    params["target_far"] = target_far
-    from .model import PatchCore
-
-    PatchCore(**params)  # a bad setting fails here, once, rather than once per product
+    params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
+                           num_neighbors=num_neighbors, sigma=sigma, seed=seed, device="cpu",
+                           batch_size=batch_size, target_far=target_far, border_pad=border_pad, rotations=rotations)
+    PatchCore(**params).check_params()  # a bad setting fails here, once, rather than once per product
     output.mkdir(exist_ok=True)
     show = not (quiet or json_out)
     if show:
@@ -609,8 +457,9 @@ def fit_many_cmd(
     def done(row: dict[str, Any]) -> None:
         if show:
             style = "green" if row["status"] == "ok" else "bold red"
+            why = "" if row["status"] == "ok" else ": " + escape(row["error"])
             err_console.print(f"  [{style}]{row['status']}[/] {escape(row['product'])} "
-                              f"({row.get('seconds', 0):.0f} s){'' if row['status'] == 'ok' else ': ' + escape(row['error'])}")
+                              f"({row.get('seconds', 0):.0f} s){why}")
 
     t0 = time.perf_counter()
     rows = fit_many(data_root, output, params, use_ray=ray is not None,
@@ -638,54 +487,6 @@ def fit_many_cmd(
 
 
 # ------------------------------------------------------------------------------------------- predict
-def _collect_images(inputs: list[Path]) -> list[Path]:
-    from .core.imagefiles import is_image_file, list_images
-
-    files: list[Path] = []
-    seen: set[Path] = set()
-    for p in inputs:
-        if not p.exists():
-            if str(p).lower() in ("true", "false", "yes", "no", "on", "off"):  # e.g. `--report true`
-                raise CliError(f"{p}: no such file or folder (flags such as --report take no value)")
-            raise CliError(f"{p}: no such file or folder")
-        if p.is_dir():
-            # A folder of images, or of folders of images (e.g. test/good, test/scratch): one level down,
-            # so a labelled test folder can be predicted (and reported) in one go.
-            found = list_images(p) or [f for sub in sorted(q for q in p.iterdir() if q.is_dir()
-                                                           and not q.name.startswith("."))
-                                       for f in list_images(sub)]
-            if not found:
-                raise CliError(f"{p}: folder holds no images (nor do its subfolders)")
-        elif is_image_file(p):
-            found = [p]
-        else:
-            raise CliError(f"{p}: not an image file (by its extension)")
-        for f in found:
-            r = f.resolve()
-            if r not in seen:
-                seen.add(r)
-                files.append(f)
-    return files
-
-
-def output_names(files: list[Path], base: Path | None = None) -> list[str]:
-    """Unique file stems for the results: the path relative to ``base`` (the one folder given) or else to the
-    images' common folder, '/' -> '__'."""
-    resolved = [Path(os.path.abspath(f)) for f in files]  # not resolve(): keep the user's (symlinked) folders
-    common = Path(os.path.abspath(base)) if base is not None else \
-        Path(os.path.commonpath([str(r.parent) for r in resolved]))
-    names = ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
-    if len(set(names)) < len(names):  # same stem, other extension
-        names = ["__".join(r.relative_to(common).parts).replace(".", "_") for r in resolved]
-    return names
-
-
-def folder_labels(files: list[Path]) -> list[int] | None:
-    """Labels from folder names (good/ok/normal/pass = good, anything else = defective) when both occur."""
-    labels = [0 if Path(os.path.abspath(f)).parent.name.lower() in GOOD_FOLDER_NAMES else 1 for f in files]
-    return labels if len(set(labels)) == 2 else None
-
-
 @app.command(cls=_Command)
 @_handles_errors
 def predict(
@@ -720,111 +521,20 @@ def predict(
     overlays/NAME.png (heat map blended on the image, white outline = defect mask) and masks/NAME.png
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
-    from .core.imagefiles import read_image
-    from .results import write_result
-
-    _check_out_parent(output)
-    resuming = False
-    if ray is not None:
-        from .distributed import LEDGER, require_ray
-
-        require_ray()
-        if workers is not None and workers < 1:
-            raise CliError(f"--workers must be at least 1, got {workers}")
-        resuming = (output / LEDGER).is_file() and not overwrite
-    if not resuming:
-        _check_out_dir(output, overwrite)
-    model = _load_model(model_path, device=device)
-    model.batch_size = batch_size
-    files = _collect_images(images)
-    thresholds = thresholds_in_force(model, threshold, "--threshold", model_name=str(model_path))
-    model.threshold_ = thresholds.image
-    names = output_names(files, base=images[0] if len(images) == 1 and images[0].is_dir() else None)
-    by_path = {str(f): (f, n) for f, n in zip(files, names)}
-    try:
-        if not skip_unreadable:
-            _check_headers(files)
-        t0 = time.perf_counter()
-        if ray is not None:
-            # No clean-up on failure here: what is done stays, for the rerun to resume from.
-            from .distributed import predict_files
-
-            if not resuming:
-                _prepare_out_dir(output, overwrite)
-            with _Progress(not (quiet or json_out)) as prog:
-                got = predict_files(model_path, files, names, output, threshold=threshold,
-                                    map_format=map_format.value, skip_unreadable=skip_unreadable,
-                                    address=None if ray == "local" else ray, workers=workers,
-                                    batch_size=batch_size, progress=lambda i, n: prog("scoring", i, n))
-            rows = [r for r in got if "skipped" not in r]
-            skipped = [(r["name"], r["skipped"]) for r in got if "skipped" in r]
-            summary = _finish_predict(output, model, model_path, files, names, rows, skipped, thresholds,
-                                      time.perf_counter() - t0, report)
-        else:
-            with _results_folder(output, overwrite):
-                for d in RESULT_DIRS:
-                    (output / d).mkdir()
-                rows = []
-                with _Progress(not (quiet or json_out)) as prog:
-                    for pred in model.iter_predict(files, skip_unreadable=skip_unreadable, progress=prog):
-                        f, stem = by_path[pred.name]
-                        rows.append(write_result(output, f, stem, pred, read_image(f), thresholds,
-                                                 map_format.value))
-                skipped = list(model.skipped_)
-                summary = _finish_predict(output, model, model_path, files, names, rows, skipped, thresholds,
-                                          time.perf_counter() - t0, report)
-    except ImageError as e:
-        raise _image_error_hint(e) from None
+    with _Progress(not (quiet or json_out)) as prog:
+        try:
+            summary = predict_folder(model_path, images, output, threshold=threshold, map_format=map_format.value,
+                                     report=report, device=device, batch_size=batch_size, use_ray=ray is not None,
+                                     address=None if ray in (None, "local") else ray, workers=workers,
+                                     skip_unreadable=skip_unreadable, overwrite=overwrite, progress=prog)
+        except ImageError as e:
+            raise _image_error_hint(e) from None
     if json_out:
         _emit_json(summary)
-    _print_skipped(skipped, quiet or json_out)
+    _print_skipped(summary["skipped"], quiet or json_out)
     if quiet or json_out:
         return
-    _print_predictions(rows, summary, output)
-
-
-def _finish_predict(output: Path, model, model_path: Path, files: list[Path], names: list[str],
-                    rows: list[dict[str, Any]], skipped: list[tuple[str, str]], thresholds, seconds: float,
-                    report: bool) -> dict[str, Any]:
-    """summary.csv, summary.json and (with --report) report.html from the rows; the summary."""
-    if not rows:
-        raise CliError("no readable images to score")
-    thr, pix = thresholds.image, thresholds.pixel
-    n_anom = sum(r["verdict"] == "anomalous" for r in rows)
-    summary = {
-        "model": str(model_path), "output": str(output), "threshold": thr, "threshold_source": thresholds.source,
-        "pixel_threshold": pix, "normalized_score": "score / threshold (the threshold is 1.0)",
-        "map_png_scale": f"raw = png / 65535 * {2 * pix!r} (clipped at twice the pixel threshold)",
-        "mask": "empty for a good verdict; for an anomalous one, map >= pixel_threshold (calibrated like the "
-                "image threshold, on good maps' maxima), and always at least the region around the map's peak",
-        "n_images": len(rows), "n_anomalous": n_anom, "n_good": len(rows) - n_anom, "seconds": seconds,
-        "skipped": _skipped_json(skipped), "images": rows,
-    }
-    _write_csv(output / "summary.csv", rows)
-    from .evaluate import jsonable
-
-    (output / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
-    if report:
-        _predict_report(output, model, model_path, summary, files, names, rows)
-        summary["report"] = str(output / "report.html")
-    return summary
-
-
-def _check_out_parent(output: Path) -> None:
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise CliError(f"{parent}: folder does not exist")
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    _print_predictions(summary["images"], summary, output)
 
 
 def _print_predictions(rows: list[dict[str, Any]], summary: dict[str, Any], output: Path, limit: int = 40) -> None:
@@ -842,55 +552,6 @@ def _print_predictions(rows: list[dict[str, Any]], summary: dict[str, Any], outp
     out_console.print(f"{summary['n_images']} images: [bold red]{summary['n_anomalous']} anomalous[/], "
                       f"[green]{summary['n_good']} good[/] at threshold {summary['threshold']:.6g} "
                       f"({escape(summary['threshold_source'])}); results in {escape(str(output))}", markup=True)
-
-
-def _predict_report(output: Path, model, model_path: Path, summary: dict[str, Any], files: list[Path],
-                    names: list[str], rows: list[dict[str, Any]]) -> None:
-    from .report import build_section, render_html, write_report
-
-    idx = {str(f): i for i, f in enumerate(files)}
-    scored = [idx[r["path"]] for r in rows]
-    scored_files = [files[i] for i in scored]
-    labels = folder_labels(scored_files)
-    pix = summary["pixel_threshold"]
-
-    def get_map(i: int):
-        r = rows[i]
-        if "map_npy" in r:
-            return np.load(output / r["map_npy"])
-        from PIL import Image
-
-        return np.asarray(Image.open(output / r["map_png"]), dtype=np.float32) / 65535.0 * 2.0 * pix
-
-    sec = build_section("Images", [r["path"] for r in rows], [r["score"] for r in rows], labels,
-                        summary["threshold"], "threshold", get_map, pixel_threshold=pix,
-                        defect_types=[Path(os.path.abspath(files[i])).parent.name for i in scored] if labels else None)
-    if labels is not None:
-        sec.notes.append("truth taken from folder names: images in good/ (or ok/, normal/, pass/) are good, "
-                         "all others defective")
-    else:
-        sec.notes.append("no labels (images are not split into good/ and defect folders): no ROC curve")
-    headers = ["images", "anomalous", "good", "threshold", "pixel threshold", "skipped"]
-    vals = [summary["n_images"], summary["n_anomalous"], summary["n_good"], f"{summary['threshold']:.6g}",
-            f"{pix:.6g}", len(summary["skipped"])]
-    if labels is not None:
-        y = np.array(labels, bool)
-        s = np.array([r["score"] for r in rows])
-        headers += ["detected defects", "false alarms"]
-        vals += [f"{int((s[y] >= summary['threshold']).sum())} / {int(y.sum())}",
-                 f"{int((s[~y] >= summary['threshold']).sum())} / {int((~y).sum())}"]
-    cal = model.calibration_ or {}
-    settings = {"model file": str(model_path), "threshold source": summary["threshold_source"],
-                # the calibration's guarantee holds for its own threshold only, not one set with --threshold
-                **({"guarantee": cal["statement"]} if cal.get("statement")
-                   and summary["threshold_source"] != THRESHOLD_OVERRIDDEN else {}),
-                "normalised score": summary["normalized_score"], "mask": summary["mask"],
-                **{k: v for k, v in model.get_params().items()},
-                **{f"calibration {k}": cal[k] for k in ("method", "rule", "target_far", "n", "mean", "std", "max",
-                                                        "calibration_far", "f1_threshold", "source") if k in cal}}
-    page = render_html("PatchCore prediction report", f"{summary['n_images']} images scored with {model_path}",
-                       settings, (headers, [vals]), [sec])
-    write_report(output / "report.html", page, overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -930,15 +591,14 @@ def evaluate(
     if report and output is None:
         raise CliError("--report needs --output FOLDER to write report.html into")
     if output is not None:
-        _check_out_parent(output)
-        _check_out_dir(output, overwrite)
+        check_out_parent(output)
+        check_out_dir(output, overwrite)
     if not data.exists():
         raise CliError(f"{data}: no such folder")
-    if not 0.0 < target_far < 1.0:
-        raise CliError(f"--target-far must be between 0 and 1, got {target_far}")
-    params = _model_params(backbone, coreset_ratio, preset, image_size, num_neighbors, sigma, seed, device,
-                           batch_size, backbone_weights, border_pad, rotations)
-    params.update(target_far=target_far, calibration_folds=folds)
+    params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
+                           num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
+                           batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
+                           border_pad=border_pad, rotations=rotations, calibration_folds=folds)
     folders = find_categories(data, category)
     sections = []
     merged = None
@@ -960,7 +620,7 @@ def evaluate(
     assert merged is not None
     merged.dataset = str(data)
     if output is not None:
-        with _results_folder(output, overwrite):
+        with results_folder(output, overwrite):
             merged.to_json(output / "results.json", overwrite=True)
             merged.to_csv(output / "results.csv", overwrite=True)
             if report:
@@ -1058,7 +718,9 @@ def info(
     t.add_column(style="bold")
     t.add_column()
     for k, v in model.get_params().items():
-        t.add_row(PARAM_LABELS.get(k, k.replace("_", " ")), Text(_show(v)))
+        # the sampler's fields as settings of their own (no Python repr), as model files record them
+        for name, value in (dataclasses.asdict(v).items() if dataclasses.is_dataclass(v) else [(k, v)]):
+            t.add_row(PARAM_LABELS.get(name, name.replace("_", " ")), Text(_show(value)))
     fi = model.fit_info_
     turns = f" (each also turned: {fi['turns']} views)" if fi.get("turns", 1) > 1 else ""
     t.add_row("fitted on", f"{fi.get('n_images')} images{turns}, memory bank {fi.get('bank_size')} x "
@@ -1075,9 +737,9 @@ def info(
             t.add_row("calibration", Text(f"{cal.get('method')}: {cal.get('rule')}; target false-alarm rate "
                                           f"{_percent(cal['target_far'])}, {cal.get('n')} good images "
                                           f"({cal.get('source')})"))
+            far = cal.get("calibration_far", cal.get("holdout_far", 0.0))
             t.add_row("calibration scores", f"mean {cal['mean']:.4g}, std {cal['std']:.3g}, max {cal['max']:.4g}; "
-                                            f"{_percent(cal.get('calibration_far', cal.get('holdout_far', 0.0)))} of them "
-                                            f"at or above the threshold")
+                                            f"{_percent(far)} of them at or above the threshold")
         if cal.get("f1_threshold") is not None:
             t.add_row("F1-optimal threshold", f"{cal['f1_threshold']:.6g} (F1 {cal['f1']:.3f}, "
                                               f"{cal.get('n_defect')} defective images)")
@@ -1103,7 +765,7 @@ def export_cmd(
     from .export import export
 
     model = _load_model(model_path)
-    files = _collect_images(images)[:8] if images else None
+    files = collect_images(images)[:8] if images else None
     if files:
         _check_headers(files)
     meta = export(model, output, images=files, source=model_path, overwrite=overwrite)

@@ -14,8 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DatasetError, ImageError
 from .core.imagefiles import IMAGE_EXTENSIONS, is_image_file
+from .errors import DatasetError, ImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

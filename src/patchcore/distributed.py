@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PatchCoreError
+from .jobs import check_model_path, good_images, score_files
 
 LEDGER = "progress.jsonl"
 INSTALL_HINT = 'Ray is not installed: pip install "patchcore[ray]"'
@@ -77,25 +78,18 @@ class _Scorer:
         torch.set_num_threads(1)  # one actor per CPU: more threads per actor only contend
         self.model = load_model(model_path, device="cpu")
         self.thresholds = thresholds_in_force(self.model, threshold, "--threshold", model_name=model_path)
-        self.model.threshold_ = self.thresholds.image
         self.output, self.map_format, self.skip = Path(output), map_format, skip_unreadable
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .core.imagefiles import read_image
-        from .errors import ImageError
-        from .results import write_result
-
-        rows = []
-        for path, name in zip(batch["path"], batch["name"]):
-            try:
-                image = read_image(path)
-            except ImageError as e:
-                if not self.skip:
-                    raise
-                rows.append({"name": str(name), "path": str(path), "skipped": str(e)})
-                continue
-            (pred,) = self.model.predict([image])
-            rows.append(write_result(self.output, path, str(name), pred, image, self.thresholds, self.map_format))
+        paths, names = [str(p) for p in batch["path"]], [str(n) for n in batch["name"]]
+        skipped: list[tuple[str, str]] = []
+        # One image per forward pass, as before: the rows are those of a single process on one thread.
+        rows = score_files(self.model, paths, names, self.output, self.thresholds, self.map_format,
+                           skip_unreadable=self.skip, skipped=skipped, batch_size=1)
+        name_of = dict(zip(paths, names))
+        by_path = {r["path"]: r for r in rows}
+        by_path.update((p, {"name": name_of[p], "path": p, "skipped": reason}) for p, reason in skipped)
+        rows = [by_path[p] for p in paths]  # in the batch's order, as the ledger records them
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
@@ -172,24 +166,23 @@ def predict_files(model_path: str | os.PathLike, files: Sequence[str | os.PathLi
 
 # --------------------------------------------------------------------------------------- many products
 def products_of(root: str | os.PathLike) -> list[Path]:
-    """The product folders of ``root``: its subfolders that hold good images (train/good, good/ or images)."""
+    """The product folders of ``root``: its subfolders that hold good images (train/good, good/ or images;
+    :func:`patchcore.jobs.good_images`)."""
     root = Path(root)
     if not root.is_dir():
         raise PatchCoreError(f"{root}: no such folder")
-    found = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and good_images(p)]
+    found = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and _has_good_images(p)]
     if not found:
         raise PatchCoreError(f"{root}: no product folders (subfolders with train/good/, good/ or images)")
     return found
 
 
-def good_images(product: Path) -> list[Path]:
-    """A product's good images: train/good/ (MVTec), good/, or the images in the folder itself."""
-    from .core.imagefiles import list_images
-
-    for sub in ("train/good", "good"):
-        if (product / sub).is_dir():
-            return list_images(product / sub)
-    return list_images(product)
+def _has_good_images(product: Path) -> bool:
+    try:
+        good_images(product)
+    except PatchCoreError:
+        return False
+    return True
 
 
 def fit_product(product: str | os.PathLike, output: str | os.PathLike, params: dict[str, Any],
@@ -201,17 +194,14 @@ def fit_product(product: str | os.PathLike, output: str | os.PathLike, params: d
     t0 = time.perf_counter()
     row: dict[str, Any] = {"product": product.name, "model": str(output)}
     try:
-        goods = good_images(product)
+        goods, _ = good_images(product)
         row["images"] = len(goods)
-        if not goods:
-            raise PatchCoreError(f"{product}: holds no good images")
-        if output.exists() and not overwrite:
-            raise PatchCoreError(f"{output} already exists (pass --overwrite to replace it)")
+        check_model_path(output, overwrite)
         model = PatchCore(**params).fit(goods)
         model.save(output, overwrite=overwrite)
         info = model.fit_info_
         row.update(status="ok", bank_size=info["bank_size"], threshold=model.threshold_)
-    except Exception as e:  # one product's failure is its row, not the run's end
+    except Exception as e:  # noqa: BLE001 - one product's failure is its row, not the run's end
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         row.update(status="failed", error=msg if isinstance(e, PatchCoreError) else f"{type(e).__name__}: {msg}")
         if not isinstance(e, PatchCoreError):
@@ -263,7 +253,7 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
         with cluster(address) as ray:
             t, h, w, d = patch_shape(params)
             task = ray.remote(num_cpus=1)(_fit_task)
-            refs = {task.options(memory=fit_memory(len(good_images(p)), t * h * w, d),
+            refs = {task.options(memory=fit_memory(len(good_images(p)[0]), t * h * w, d),
                                  name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite): p.name
                     for p in products}
             pending = list(refs)
@@ -272,7 +262,7 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
                 name = refs[ready[0]]
                 try:
                     results[name] = ray.get(ready[0])
-                except Exception as e:  # the worker died (out of memory, node lost): that product failed
+                except Exception as e:  # noqa: BLE001 - the worker died (out of memory, node lost): that product failed
                     results[name] = {"product": name, "model": str(outs[name]), "status": "failed",
                                      "error": f"Ray task failed: {str(e).splitlines()[0]}"}
                 if progress:

@@ -37,16 +37,17 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
+from .core.files import atomic_write_text
+from .core.geometry import Preprocessing
 from .datasets import Dataset, load_mask, read_dataset, read_mvtec
 from .errors import DatasetError, PatchCoreError
-from .core.geometry import Preprocessing
 from .metrics import aupro, border_peak_share, f1_max, image_auroc, pixel_auroc, pixel_f1_max
 from .model import PatchCore
 
@@ -403,7 +404,7 @@ def _csv_value(v: Any) -> Any:
 
 
 def jsonable(obj: Any) -> Any:
-    """Plain JSON types for numpy scalars and paths; NaN and infinities become null."""
+    """Plain JSON types for numpy scalars, paths and dataclasses (their fields); NaN and infinities become null."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -417,18 +418,17 @@ def jsonable(obj: Any) -> Any:
         return bool(obj)
     if isinstance(obj, (Path, os.PathLike)):
         return str(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):  # e.g. the sampler in get_params(): its fields
+        return jsonable(asdict(obj))
     return obj
 
 
 def _write(path: Path, text: str, overwrite: bool) -> Path:
+    """Write ``text`` atomically, making missing folders; an existing file is an error unless ``overwrite``."""
     if path.exists() and not overwrite:
         raise PatchCoreError(f"{path} already exists; choose another name or allow overwriting")
-    if path.parent and not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, text, overwrite)
 
 
 def evaluate(path: str | os.PathLike, params: dict[str, Any] | None = None,

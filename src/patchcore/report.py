@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PatchCoreError
+from .core.files import atomic_write_text
 from .core.imagefiles import read_image
-from .visualize import overlay, png_bytes, thumbnail
 from .core.prediction import mask_level
+from .errors import PatchCoreError
+from .visualize import overlay, png_bytes, thumbnail
 
 __all__ = ["Section", "GalleryItem", "build_section", "histogram_svg", "roc_svg", "render_html", "write_report"]
 
@@ -115,7 +116,7 @@ def histogram_svg(scores: Sequence[float], labels: Sequence[int] | None, thresho
     for t in _nice_ticks(lo, hi, 6):
         out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{mt + ph}" y2="{mt + ph + 4}" stroke="#666"/>'
                    f'<text x="{X(t):.1f}" y="{mt + ph + 16}" text-anchor="middle" class="tick">{_fmt(t)}</text>')
-    for (name, color, _), c in zip(groups, counts):
+    for (_name, color, _), c in zip(groups, counts):
         for i, k in enumerate(c):
             if k:
                 x0, x1 = X(edges[i]), X(edges[i + 1])
@@ -339,13 +340,9 @@ def _show(v: Any) -> str:
 
 
 def write_report(path: str | os.PathLike, page: str, overwrite: bool = False) -> Path:
-    """Write the page; an existing file is kept unless ``overwrite``."""
+    """Write the page (atomically: a reader never sees half of it); an existing file is kept unless
+    ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise PatchCoreError(f"{path} already exists; choose another name or pass --overwrite")
-    if not path.parent.is_dir():
-        raise PatchCoreError(f"{path.parent}: folder does not exist")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page)

@@ -9,41 +9,32 @@ from typing import Any
 
 import numpy as np
 
-from .inference import Thresholds, result_of
+from .core.files import atomic_write
 from .core.prediction import Prediction
+from .inference import Thresholds, result_of
 
 RESULT_DIRS = ("maps", "overlays", "masks")
 MAP_FORMATS = ("both", "npy", "png")
 
 
-def _replace(path: Path, write) -> None:
-    """Write next to ``path`` and rename into place: a worker killed mid-write leaves no half file behind."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # keeps the format's suffix
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_result(output: Path, path: str | os.PathLike, stem: str, pred: Prediction, image: np.ndarray,
                  thresholds: Thresholds, map_format: str = "both") -> dict[str, Any]:
-    """Write the map(s), overlay and mask of one prediction under ``output`` and return its summary row."""
+    """Write the map(s), overlay and mask of one prediction under ``output`` and return its summary row.
+
+    Each file is written next to its place and renamed into it (:func:`patchcore.core.files.atomic_write`): a
+    worker killed mid-write leaves no half file behind."""
     from .visualize import save_map_png, save_png
 
     res = result_of(pred, image, thresholds)  # what `patchcore serve` answers, too
     amap, mask = pred.anomaly_map, res.mask
     row: dict[str, Any] = {"name": stem, "path": str(path), **res.summary()}
     if map_format in ("npy", "both"):
-        _replace(output / "maps" / f"{stem}.npy", lambda p: np.save(p, amap))
+        atomic_write(output / "maps" / f"{stem}.npy", lambda p: np.save(p, amap))
         row["map_npy"] = f"maps/{stem}.npy"
     if map_format in ("png", "both"):
-        _replace(output / "maps" / f"{stem}.png",
-                 lambda p: save_map_png(p, amap, thresholds.pixel))
+        atomic_write(output / "maps" / f"{stem}.png", lambda p: save_map_png(p, amap, thresholds.pixel))
         row["map_png"] = f"maps/{stem}.png"
-    _replace(output / "overlays" / f"{stem}.png",
-             lambda p: save_png(p, res.overlay()))
-    _replace(output / "masks" / f"{stem}.png", lambda p: save_png(p, mask))
+    atomic_write(output / "overlays" / f"{stem}.png", lambda p: save_png(p, res.overlay()))
+    atomic_write(output / "masks" / f"{stem}.png", lambda p: save_png(p, mask))
     row["overlay"], row["mask"] = f"overlays/{stem}.png", f"masks/{stem}.png"
     return row
