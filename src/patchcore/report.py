@@ -20,7 +20,7 @@ import html
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,8 @@ def render_html(title: str, subtitle: str, settings: dict[str, Any], metric_tabl
 
 
 def _show(v: Any) -> str:
+    if is_dataclass(v) and not isinstance(v, type):  # e.g. the coreset sampler among the settings
+        v = asdict(v)
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, (list, tuple)):
