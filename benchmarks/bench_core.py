@@ -12,6 +12,7 @@ image AUROC, pixel AUROC and AUPRO. Each category runs in a fresh process so pea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -95,6 +96,7 @@ def main() -> None:
     from patchcore import PatchCore
 
     shown = PatchCore(**params).get_params()
+    shown["sampler"] = dataclasses.asdict(shown["sampler"])  # a frozen dataclass: its fields, for the JSON
     rows = []
     for cat in args.categories:
         cmd = [sys.executable, __file__, "--one", cat, "--params", json.dumps(params), "--data", str(args.data)]

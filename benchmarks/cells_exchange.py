@@ -2,12 +2,12 @@
 
 Without the exchange each k-means cell of :func:`patchcore.coreset.cell_coreset` covers its own points only,
 so near a cell border budget is spent on points a neighbouring cell's centre already covers (coverage radius
-+4-5 % against the exact greedy selection). With it (``centroids=``, ``PatchCore(cell_exchange=True)``) each
-cell hears of the others' new centres after every step of the shared radius and checks a point against them
-before making it a centre. The radius step matters, since cells choosing in the same step do not hear of
-each other: this prints the library's step (2 %) and 5 % and 1 % steps. The product is fit_scaling.py's
-screw images at 256 px (320 images: 327,680 features, exact greedy radius 14.54; 800 images: 819,200
-features, exact 14.55; docs/scaling.md, section 4):
++4-5 % against the exact greedy selection). With it (``centroids=``;
+``PatchCore(sampler=CoresetSampler(cell_exchange=True))``) each cell hears of the others' new centres after
+every step of the shared radius and checks a point against them before making it a centre. The radius step
+matters, since cells choosing in the same step do not hear of each other: this prints the library's step
+(2 %) and 5 % and 1 % steps. The product is fit_scaling.py's screw images at 256 px (320 images: 327,680
+features, exact greedy radius 14.54; 800 images: 819,200 features, exact 14.55; docs/scaling.md, section 4):
 
     python benchmarks/cells_exchange.py --images 320
     python benchmarks/cells_exchange.py --images 800 --steps 0.98
@@ -35,10 +35,12 @@ def main() -> None:
     args = ap.parse_args()
     model = PatchCore(device="cpu", image_size=256)
     feats, _ = model.extract(product("screw", args.images, args.data))
-    z = coreset.random_projection(feats.reshape(-1, feats.shape[-1]), model.projection_dim, model.seed).contiguous()
+    flat = feats.reshape(-1, feats.shape[-1])
+    z = coreset.random_projection(flat, model.sampler.projection_dim, model.seed).contiguous()
+    del flat
     del feats
     n = coreset.coreset_size(len(z), model.coreset_ratio)
-    cells = model._n_cells(len(z))
+    cells = model.sampler.n_cells(len(z), n)
     labels, centroids = coreset.kmeans_cells(z, cells, model.seed)
     library = coreset.EXCHANGE_STEP
     for step in [None, *args.steps]:

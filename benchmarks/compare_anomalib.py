@@ -25,6 +25,7 @@ instead (the table then says so).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -110,6 +111,7 @@ def ours_worker(args: argparse.Namespace) -> int:
     }
     params = model.get_params()
     params["layers"] = list(model.tapped_layers)
+    params["sampler"] = dataclasses.asdict(params["sampler"])  # a frozen dataclass: its fields, for the JSON
     config = {"patchcore_version": __version__, "torch_version": torch.__version__, "params": params,
               "n_train": len(train_paths), "n_test": len(paths), "n_embeddings": info["n_features"],
               "embedding_dim": info["feature_dim"], "memory_bank_shape": [info["bank_size"], info["feature_dim"]],

@@ -43,15 +43,15 @@ def main() -> None:
     feats, _ = model.extract(product("screw", args.images, args.data))
     n_img, h, w, d = feats.shape
     flat = feats.reshape(-1, d)
-    z = random_projection(flat, model.projection_dim, model.seed)
+    z = random_projection(flat, model.sampler.projection_dim, model.seed)
     n = coreset_size(len(z), model.coreset_ratio)
 
     t = time.perf_counter()
-    cells = model._coreset(flat)
+    cells = model.sampler.run(flat, n, model.seed, model_bank=True, n_jobs=model.n_jobs)
     print(json.dumps({"selection": "cells (the default fit)", "features": len(z), "bank": n,
                       "seconds": round(time.perf_counter() - t, 1), "radius": round(coverage_radius(z, cells), 3)}),
           flush=True)
-    cell = int(model.shard_features) // 4  # the model's cell size
+    cell = int(model.sampler.shard_features) // 4  # the model's cell size
 
     def in_cells(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         cells = max(1, -(-len(x) // cell))

@@ -51,19 +51,19 @@ def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str =
              exact_bank: bool = False, data: Path = DATA) -> dict:
     """One fit of an n-image product (in this process): times, bank, peak memory, and optionally AUROCs."""
     from patchcore import PatchCore
-    from patchcore.coreset import random_projection
+    from patchcore.coreset import CoresetSampler, random_projection
 
     imgs = product(category, n, data)
     given = {"shard_features": None} if exact else {} if shard_features is None else {"shard_features": shard_features}
-    model = PatchCore(device="cpu", shard_by=shard_by, cell_exchange=exchange, image_size=image_size,
-                      exact_bank=exact_bank, **given)
+    sampler = CoresetSampler(shard_by=shard_by, cell_exchange=exchange, exact_bank=exact_bank, **given)
+    model = PatchCore(device="cpu", image_size=image_size, sampler=sampler)
     t0 = time.perf_counter()
     model.fit(imgs)
     wall = time.perf_counter() - t0
     info = model.fit_info_
     row = {"category": category, "images": n, "image_size": model.preprocessing.resize[0], "exact": exact,
            "shard_by": shard_by, "exchange": exchange, "exact_bank": exact_bank,
-           "shard_features": model.shard_features, "features": info["n_features"],
+           "shard_features": model.sampler.shard_features, "features": info["n_features"],
            "shards": info["shards"], "bank": info["bank_size"], "extract_s": round(info["extract_seconds"], 1),
            "coreset_s": round(info["coreset_seconds"], 1),
            "calibration_s": round(info.get("calibration_seconds", 0.0), 1), "fit_s": round(wall, 1),
@@ -77,8 +77,8 @@ def fit_once(category: str, n: int, exact: bool, evaluate: bool, shard_by: str =
         # Coverage radius on the projection the coreset was selected on (all features of the product).
         feats, _ = model.extract(imgs)
         flat = feats.reshape(-1, feats.shape[-1])
-        z = random_projection(flat, model.projection_dim, model.seed)
-        bank_z = random_projection(torch.from_numpy(model.memory_bank_), model.projection_dim, model.seed)
+        z = random_projection(flat, model.sampler.projection_dim, model.seed)
+        bank_z = random_projection(torch.from_numpy(model.memory_bank_), model.sampler.projection_dim, model.seed)
         row["radius"] = round(_radius(z, bank_z), 4)
         ds = read_mvtec(mvtec(data) / category)
         preds = model.predict([s.path for s in ds.test])
@@ -162,10 +162,12 @@ def ray_fit(category: str, n: int, workers: list[int], shard_by: str, data: Path
         for w in workers:
             code = (
                 "import json,sys,time; from patchcore.distributed import cluster, fit_on_ray\n"
+                "from patchcore.coreset import CoresetSampler\n"
                 "files = open(sys.argv[1]).read().split()\n"
                 f"with cluster(num_cpus={w}):\n"
                 "    t=time.perf_counter()\n"
-                f"    m=fit_on_ray(files, {{'device': 'cpu', 'shard_by': {shard_by!r}}}, workers={w})\n"
+                f"    p={{'device': 'cpu', 'sampler': CoresetSampler(shard_by={shard_by!r})}}\n"
+                f"    m=fit_on_ray(files, p, workers={w})\n"
                 "    i=m.fit_info_; print(json.dumps({'wall': time.perf_counter()-t, 'extract': i['extract_seconds'],"
                 " 'coreset': i['coreset_seconds'], 'calibration': i.get('calibration_seconds', 0.0),"
                 " 'bank': i['bank_size'], 'threshold': m.threshold_}))")
@@ -185,10 +187,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[])
     ap.add_argument("--exact", action="store_true", help="fit with one exact greedy selection (no shards)")
     ap.add_argument("--shard-by", default="features", choices=["features", "images"],
-                    help="how a large selection is split (PatchCore's shard_by)")
+                    help="how a large selection is split (CoresetSampler's shard_by)")
     ap.add_argument("--shard-features", type=int, default=None,
-                    help="PatchCore's shard_features (default: its default)")
-    ap.add_argument("--exchange", action="store_true", help="cells that exchange centres (cell_exchange=True)")
+                    help="CoresetSampler's shard_features (default: its default)")
+    ap.add_argument("--exchange", action="store_true",
+                    help="cells that exchange centres (CoresetSampler's cell_exchange=True)")
     ap.add_argument("--exact-bank", action="store_true", help="the model's bank by the lazy exact selection")
     ap.add_argument("--image-size", type=int, default=None, help="PatchCore's image_size (default: its default)")
     ap.add_argument("--evaluate", action="store_true", help="also coverage radius and AUROCs on the test set")

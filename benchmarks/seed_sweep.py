@@ -26,11 +26,13 @@ import numpy as np
 import torch
 
 from patchcore import PatchCore
+from patchcore.bank import MemoryBank
+from patchcore.core.geometry import Preprocessing
 from patchcore.core.imagefiles import read_image
+from patchcore.core.scoring import image_score, score_map
 from patchcore.coreset import select, shard_coresets
 from patchcore.datasets import load_mask, read_mvtec
 from patchcore.metrics import aupro, image_auroc, pixel_auroc
-from patchcore.scoring import MemoryBank, reweighted_score, smooth
 
 from _data import mvtec
 
@@ -68,18 +70,22 @@ def bank_of(train, ratio, mode, seed=0, n_img=None):
         return flat[idx].numpy()
     if mode == "cells":
         m = PatchCore(coreset_ratio=ratio, seed=seed)
-        return flat.index_select(0, m._coreset(flat)).numpy()
+        picks = m.sampler.run(flat, m.fit_plan().n_keep(len(flat)), seed, n_jobs=m.n_jobs)
+        return flat.index_select(0, picks).numpy()
     # sharded as the model does (default)
     m = PatchCore(coreset_ratio=ratio, seed=seed)
-    shards = m.plan_shards(n, h * w)
+    shards = m.fit_plan().plan_shards(n, h * w)
     rows = [torch.from_numpy((imgs[:, None] * (h * w) + np.arange(h * w)).ravel()) for imgs, _ in shards]
     parts = [flat.index_select(0, r) for r in rows]
     picks = [r[p] for r, p in zip(rows, shard_coresets(parts, ratio, 128, seed))]
     return flat.index_select(0, torch.cat(picks)).numpy()
 
 
-def score(bank_np, test, size, variants, sigma=4.0, pad_to=256):
+def score(bank_np, test, pre: Preprocessing, variants, sigma=4.0, pad_to=256):
+    """Image scores per variant and anomaly maps (at ``pad_to`` px) of the test features against the bank;
+    the maps as the library makes them for the network input of ``pre``."""
     bank = MemoryBank(bank_np)
+    support = bank.support_of(9)
     n, h, w, d = test.shape
     flat = test.reshape(-1, d).numpy()
     dist, nn = bank.nearest(flat)
@@ -92,15 +98,11 @@ def score(bank_np, test, size, variants, sigma=4.0, pad_to=256):
         dk = dk.reshape(n, h * w, 5)
     for i in range(n):
         j = int(dist[i].argmax())
-        grid = torch.from_numpy(dist[i].reshape(1, 1, h, w))
-        up = torch.nn.functional.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
-        sm = smooth(up[0, 0], sigma).numpy()
-        img_map = torch.nn.functional.interpolate(torch.from_numpy(sm)[None, None], size=(pad_to, pad_to),
-                                                  mode="bilinear", align_corners=False)[0, 0].numpy()
-        maps.append(img_map)
+        sm = score_map(dist[i].reshape(h, w), pre.input_size, sigma)  # upsampled to the input, smoothed
+        maps.append(pre.to_image(sm, (pad_to, pad_to)))
         for v in variants:
             if v == "eq7":
-                s = reweighted_score(bank, flat[i * h * w + j], float(dist[i, j]), int(nn[i, j]), 9)
+                s = image_score(bank.bank, flat[i * h * w + j], float(dist[i, j]), int(nn[i, j]), support, 9)
             elif v == "max":
                 s = float(dist[i, j])
             elif v == "smax":
@@ -112,7 +114,7 @@ def score(bank_np, test, size, variants, sigma=4.0, pad_to=256):
                 k = int(v[5:])
                 kk = dk[i, :, :k].mean(1)
                 jj = int(kk.argmax())
-                s = reweighted_score(bank, flat[i * h * w + jj], float(kk[jj]), int(nn[i, jj]), 9)
+                s = image_score(bank.bank, flat[i * h * w + jj], float(kk[jj]), int(nn[i, jj]), support, 9)
             elif v.startswith("kam"):
                 k = int(v[3:])
                 s = float(dk[i, j, :k].mean())
@@ -124,6 +126,9 @@ def score(bank_np, test, size, variants, sigma=4.0, pad_to=256):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     spec = json.loads(sys.argv[1])
     cat, cfg, params = spec["cat"], spec["cfg"], spec.get("params", {})
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -132,14 +137,14 @@ if __name__ == "__main__":
     tr = feats(cat, cfg, params, "train", spec.get("aug"))
     tta = spec.get("tta")  # "rot4": also score the test images' quarter turns and average the image scores
     te = feats(cat, cfg, params, "test", tta)
-    size = (params.get("image_size") or 256)
+    pre = PatchCore(**params).preprocessing  # the network input the features were extracted at
     variants = spec.get("variants", ["eq7", "max", "smax", "top10", "knn3"])
     for ratio, seed in [(r, sd) for r in spec.get("ratios", [0.1]) for sd in spec.get("seeds", [0])]:
         t = time.perf_counter()
         b = bank_of(tr, ratio, spec.get("mode", "sharded"), seed)
         tb = time.perf_counter() - t
         t = time.perf_counter()
-        out, maps = score(b, te, size, variants)
+        out, maps = score(b, te, pre, variants)
         ts = time.perf_counter() - t
         row = {"cat": cat, "cfg": cfg, "aug": spec.get("aug"), "ratio": ratio, "mode": spec.get("mode", "sharded"),
                "bank": len(b), "seed": seed, "bank_s": round(tb, 1), "score_s": round(ts, 1)}
