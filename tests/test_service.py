@@ -226,6 +226,9 @@ def test_bad_requests_get_one_line_reasons(server, bottle):
     assert time.perf_counter() - t0 < 5
     one_line_error(call(server, "POST", "/v1/models/bottle:predict", *multipart("picture", good)), 422, "'image'")
     one_line_error(call(server, "POST", "/v1/models/bottle:predict", b""), 422, "empty")
+    reply = call(server, "GET", "/v1/models/bottle:predict")  # the URL is right, the method is not
+    one_line_error(reply, 405, "POST")
+    assert reply.headers.get("allow", reply.headers.get("Allow")) == "POST"
     one_line_error(predict(server, "bottle", good, "?threshold=-1"), 422, "threshold")
     # Over the upload limit (1 MB here): refused from the declared length, before any of the body is sent ...
     conn = http.client.HTTPConnection(*server.rsplit("//", 1)[1].split(":"), timeout=30)

@@ -12,13 +12,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .core.prediction import Prediction  # noqa: E402
 from .errors import BackboneError, DatasetError, ImageError, ModelFileError, NotFittedError, PatchCoreError  # noqa: E402
 
+# What the estimator needs beyond the bare install (numpy, Pillow, onnxruntime): the "full" extra.
+_FULL = ("torch", "torchvision", "timm", "faiss", "scipy", "sklearn", "skimage", "safetensors")
+
 
 def __getattr__(name: str):
     # PatchCore needs torch; importing it lazily lets the torch-free runtime (patchcore.runtime) import
     # this package on a machine without torch.
     if name == "PatchCore":
-        from .model import PatchCore
-
+        try:
+            from .model import PatchCore
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in _FULL:
+                raise
+            raise ImportError(f"PatchCore (fitting, the PyTorch path) needs the full install, and {e.name} is "
+                              f"missing: pip install \"patchcore[full]\". This install scores exported models: "
+                              f"from patchcore import runtime") from None
         return PatchCore
     raise AttributeError(f"module 'patchcore' has no attribute {name!r}")
 

@@ -205,14 +205,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _check_headers(files: list[Path]) -> None:
-    """The library's header pre-check, with the CLI's way out (--skip-unreadable) in its message."""
-    try:
-        check_headers(files)
-    except ImageError as e:
-        raise _image_error_hint(e) from None
-
-
 def _image_error_hint(e: ImageError) -> CliError:
     return CliError(f"{e}; pass --skip-unreadable to leave unreadable images out (they are listed)")
 
@@ -351,7 +343,7 @@ def fit(
         "--ray", metavar="[ADDRESS]",
         help="Spread a large product's feature extraction, coreset cells and calibration scoring over Ray "
              "workers (this machine gathers the features and coordinates the cells): a local Ray, or the "
-             'cluster at ADDRESS. Same model as without it. Needs pip install "patchcore[ray]".'
+             'cluster at ADDRESS. Same model as without it. Needs pip install "patchcore\\[ray]".'
     )] = None,
     skip_unreadable: SkipUnreadable = False,
     overwrite: Overwrite = False,
@@ -417,7 +409,7 @@ def fit_many_cmd(
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="[ADDRESS]",
         help="One Ray task per product: on a local Ray started here, or the cluster at ADDRESS (ray://host:port "
-             'or host:port). Needs pip install "patchcore[ray]". Without it products are fitted one by one.')] = None,
+             'or host:port). Needs pip install "patchcore\\[ray]". Without it products are fitted one by one.')] = None,
     backbone: Backbone = None,
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
@@ -427,8 +419,13 @@ def fit_many_cmd(
     num_neighbors: NumNeighbors = 9,
     sigma: Sigma = 4.0,
     seed: Seed = 0,
+    device: Device = "auto",
     batch_size: BatchSize = 8,
+    backbone_weights: BackboneWeights = None,
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds of every product's calibration (at least 2): "
+                                            "every good image gets a score from a bank built without its fold.")] = 5,
     target_far: Annotated[float, typer.Option(help="Target false-alarm rate of every model's threshold.")] = 0.01,
+    skip_unreadable: SkipUnreadable = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing model files.")] = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
@@ -446,8 +443,11 @@ def fit_many_cmd(
     if not output.parent.resolve().is_dir():
         raise CliError(f"{output.parent}: folder does not exist")
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
-                           num_neighbors=num_neighbors, sigma=sigma, seed=seed, device="cpu",
-                           batch_size=batch_size, target_far=target_far, border_pad=border_pad, rotations=rotations)
+                           num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
+                           batch_size=batch_size, target_far=target_far, border_pad=border_pad, rotations=rotations,
+                           backbone_weights=backbone_weights, calibration_folds=folds)
+    if folds < 2:
+        raise CliError(f"--folds must be at least 2 to calibrate every product's threshold, got {folds}")
     PatchCore(**params).check_params()  # a bad setting fails here, once, rather than once per product
     output.mkdir(exist_ok=True)
     show = not (quiet or json_out)
@@ -463,7 +463,8 @@ def fit_many_cmd(
 
     t0 = time.perf_counter()
     rows = fit_many(data_root, output, params, use_ray=ray is not None,
-                    address=None if ray in (None, "local") else ray, overwrite=overwrite, progress=done)
+                    address=None if ray in (None, "local") else ray, overwrite=overwrite,
+                    skip_unreadable=skip_unreadable, progress=done)
     failed = [r for r in rows if r["status"] != "ok"]
     summary = {"data_root": str(data_root), "models_dir": str(output), "ray": ray, "n_products": len(rows),
                "n_failed": len(failed), "seconds": time.perf_counter() - t0, "products": rows}
@@ -507,7 +508,7 @@ def predict(
         "--ray", metavar="[ADDRESS]",
         help="Score on Ray: a local one started here, or the cluster at ADDRESS (ray://host:port or host:port). "
              "Resumable: run the same command again after a crash and only the missing images are scored. "
-             'Needs pip install "patchcore[ray]".')] = None,
+             'Needs pip install "patchcore\\[ray]".')] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray workers (each loads the model once; default: "
                                                         "one per CPU of the cluster).")] = None,
     skip_unreadable: SkipUnreadable = False,
@@ -699,14 +700,48 @@ def _evaluation_report(path: Path, rep, sections) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- info
+def _export_info(folder: Path, json_out: bool) -> None:
+    """`patchcore info EXPORT_DIR`: what the export's metadata records (no graph is loaded)."""
+    from .runtime import read_meta
+
+    meta = read_meta(folder)
+    if json_out:
+        _emit_json({"export": str(folder), **meta})
+        return
+    src, cal = meta.get("source_model", {}), meta.get("calibration", {})
+    t = Table(title=f"{folder} (export for the torch-free runtime)", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("format", f"patchcore export {meta['format_version']}, written by patchcore "
+                        f"{meta.get('patchcore_version')}")
+    t.add_row("from model", Text(f"{src.get('path') or '(not recorded)'}"
+                                 + (f" (sha256 {src['sha256'][:16]})" if src.get("sha256") else "")))
+    t.add_row("backbone", Text(f"{src.get('backbone')} (weights {src.get('backbone_fingerprint')})"))
+    size = meta.get("input_size") or ["?", "?"]
+    t.add_row("network input", f"{size[0]} x {size[1]} px; memory bank {meta.get('bank_size')} x "
+                               f"{meta.get('feature_dim')}")
+    t.add_row("threshold", "none" if meta.get("threshold") is None else Text(
+        f"{meta['threshold']:.6g} ({describe_threshold(cal, False)})"))
+    if cal.get("statement"):
+        t.add_row("guarantee", Text(str(cal["statement"])))
+    for path, p in meta.get("parity", {}).items():
+        t.add_row(f"parity ({path})", f"{p['images']} {p['checked_on']}: scores within {p['score_max_rel_diff']:.1e} "
+                                      f"(relative), maps within {p['map_max_diff_of_range']:.1e} of their range")
+    out_console.print(t)
+
+
 @app.command(cls=_Command)
 @_handles_errors
 def info(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`.",
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit`, or "
+                                                                    "an export folder written by `patchcore export`.",
                                                show_default=False)],
     json_out: JsonOut = False,
 ) -> None:
-    """Show a model file's settings, training summary, threshold and calibration."""
+    """Show a model file's (or an export's) settings, training summary, threshold and calibration."""
+    if model_path.is_dir() and (model_path / "patchcore.json").is_file():  # an export folder
+        _export_info(model_path, json_out)
+        return
     model = _load_model(model_path)
     cal = dict(model.calibration_ or {})
     d = {"model": str(model_path), "size_bytes": model_path.stat().st_size, "params": model.get_params(),
@@ -767,7 +802,7 @@ def export_cmd(
     model = _load_model(model_path)
     files = collect_images(images)[:8] if images else None
     if files:
-        _check_headers(files)
+        check_headers(files)  # export has no --skip-unreadable: the images checked on must all read
     meta = export(model, output, images=files, source=model_path, overwrite=overwrite)
     par = meta["parity"]
     if json_out:
@@ -834,7 +869,7 @@ def serve(
                                                        "decoding (422 beyond).")] = 25.0,
     reload_interval: Annotated[float, typer.Option(help="Seconds between looks at MODELS_DIR for new or "
                                                         "replaced model files.")] = 2.0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Device = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn's log level: debug, info, warning, error.")] = "info",
 ) -> None:
     """Serve every model of MODELS_DIR over HTTP, with a web page to try them (FastAPI on uvicorn).

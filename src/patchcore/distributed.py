@@ -186,8 +186,9 @@ def _has_good_images(product: Path) -> bool:
 
 
 def fit_product(product: str | os.PathLike, output: str | os.PathLike, params: dict[str, Any],
-                overwrite: bool = False) -> dict[str, Any]:
-    """Fit one product's model and save it; the outcome as a row (never raises for the product's own faults)."""
+                overwrite: bool = False, skip_unreadable: bool = False) -> dict[str, Any]:
+    """Fit one product's model and save it; the outcome as a row (never raises for the product's own faults).
+    ``skip_unreadable``: unreadable good images are left out (counted in the row's ``skipped``)."""
     from .model import PatchCore
 
     product, output = Path(product), Path(output)
@@ -197,10 +198,12 @@ def fit_product(product: str | os.PathLike, output: str | os.PathLike, params: d
         goods, _ = good_images(product)
         row["images"] = len(goods)
         check_model_path(output, overwrite)
-        model = PatchCore(**params).fit(goods)
+        model = PatchCore(**params).fit(goods, skip_unreadable=skip_unreadable)
         model.save(output, overwrite=overwrite)
         info = model.fit_info_
         row.update(status="ok", bank_size=info["bank_size"], threshold=model.threshold_)
+        if skip_unreadable:
+            row["skipped"] = len(model.skipped_)
     except Exception as e:  # noqa: BLE001 - one product's failure is its row, not the run's end
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         row.update(status="failed", error=msg if isinstance(e, PatchCoreError) else f"{type(e).__name__}: {msg}")
@@ -234,6 +237,7 @@ def patch_shape(params: dict[str, Any]) -> tuple[int, int, int, int]:
 
 def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dict[str, Any], *,
              use_ray: bool = False, address: str | None = None, overwrite: bool = False,
+             skip_unreadable: bool = False,
              progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Fit a model per product folder of ``root`` into ``models_dir``/PRODUCT.safetensors; with ``use_ray``
     one Ray task per product (each asks for one CPU and its estimated memory). Returns the outcomes in
@@ -246,7 +250,7 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
     results: dict[str, dict[str, Any]] = {}
     if not use_ray:
         for p in products:
-            results[p.name] = fit_product(p, outs[p.name], params, overwrite)
+            results[p.name] = fit_product(p, outs[p.name], params, overwrite, skip_unreadable)
             if progress:
                 progress(results[p.name])
     else:
@@ -254,7 +258,8 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
             t, h, w, d = patch_shape(params)
             task = ray.remote(num_cpus=1)(_fit_task)
             refs = {task.options(memory=fit_memory(len(good_images(p)[0]), t * h * w, d),
-                                 name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite): p.name
+                                 name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite,
+                                                              skip_unreadable): p.name
                     for p in products}
             pending = list(refs)
             while pending:
@@ -270,11 +275,12 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
     return [results[p.name] for p in products]
 
 
-def _fit_task(product: str, output: str, params: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+def _fit_task(product: str, output: str, params: dict[str, Any], overwrite: bool,
+              skip_unreadable: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)  # Ray gave this task one CPU
-    return fit_product(product, output, {**params, "n_jobs": 1}, overwrite)
+    return fit_product(product, output, {**params, "n_jobs": 1}, overwrite, skip_unreadable)
 
 
 # ------------------------------------------------------------------------------------ one large product

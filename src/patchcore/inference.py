@@ -75,6 +75,11 @@ def describe_threshold(calibration: dict[str, Any], overridden: bool, override_n
     far = calibration.get("target_far")
     if far is None:
         return f"calibrated{on}"
+    if calibration.get("resolved") is False and calibration.get("guaranteed_far") is not None:
+        # too few good images for the rate asked: say the rate they can guarantee, not the one asked for
+        needed = calibration.get("needed_n")
+        return (f"calibrated{on}, which guarantee at most a {percent(calibration['guaranteed_far'])} false-alarm "
+                f"rate (the {percent(far)} asked for needs {needed or 'more'} good images)")
     return f"calibrated for a {percent(far)} false-alarm rate{on}"
 
 

@@ -39,6 +39,24 @@ META_FILE = "patchcore.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """An export folder's metadata (``patchcore.json``), checked to be an export this runtime reads."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise ModelFileError(f"{folder}: not a patchcore export (no {META_FILE}); make one with `patchcore export`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        fmt, version = meta["format"], int(meta["format_version"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{meta_path}: damaged export metadata ({type(e).__name__})") from None
+    if fmt != EXPORT_FORMAT:
+        raise ModelFileError(f"{meta_path}: not a patchcore export")
+    if version > EXPORT_VERSION:
+        raise ModelFileError(f"{folder}: export format {version} is newer than this runtime reads; upgrade patchcore")
+    return meta
+
+
 class Runtime:
     """An exported model, loaded for scoring. Use :func:`load`."""
 
@@ -49,19 +67,8 @@ class Runtime:
         except ImportError:
             raise PatchCoreError("the runtime needs onnxruntime: pip install onnxruntime") from None
         folder = Path(folder)
-        meta_path = folder / META_FILE
-        if not meta_path.is_file():
-            raise ModelFileError(f"{folder}: not a patchcore export (no {META_FILE}); make one with `patchcore export`")
-        try:
-            meta = json.loads(meta_path.read_text())
-            fmt, version = meta["format"], int(meta["format_version"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelFileError(f"{meta_path}: damaged export metadata ({type(e).__name__})") from None
-        if fmt != EXPORT_FORMAT:
-            raise ModelFileError(f"{meta_path}: not a patchcore export")
-        if version > EXPORT_VERSION:
-            raise ModelFileError(f"{folder}: export format {version} is newer than this runtime reads; "
-                                 f"upgrade patchcore")
+        meta = read_meta(folder)
+        version = int(meta["format_version"])
         if path not in ("auto", "fast", "graph"):
             raise PatchCoreError(f"path must be 'auto', 'fast' or 'graph', got {path!r}")
         if path == "auto":

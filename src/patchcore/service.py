@@ -63,7 +63,7 @@ class ServiceSettings:
     concurrency: int = 1  # images scored at the same time (threads); more rarely helps on a CPU
     queue_size: int = 8  # requests that may wait for a scorer; the rest get 503 with Retry-After
     reload_interval: float = 2.0  # seconds between scans of models_dir (a new file serves after 1-2 of them)
-    device: str = "cpu"
+    device: str = "auto"
 
     def check(self) -> None:
         if not self.models_dir.is_dir():
@@ -74,6 +74,9 @@ class ServiceSettings:
                 raise PatchCoreError(f"the {name} must be at least {low}, got {value}")
         if not self.reload_interval > 0:
             raise PatchCoreError(f"the reload interval must be positive, got {self.reload_interval}")
+        from .settings import check_device
+
+        check_device(self.device, "--device")  # before the first model load, which would fail for every model
 
 
 # ----------------------------------------------------------------------------------------------- schemas
@@ -418,6 +421,9 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
     @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"], dependencies=protected,
              summary="One model's settings and calibration", responses={k: ERRORS[k] for k in (401, 404)})
     async def get_model(name: str) -> ModelInfo:
+        if name.endswith(":predict"):  # GET on the predict URL: the URL is right, the method is not
+            raise HTTPException(405, "predict takes POST (multipart field 'image', or the raw image as the body)",
+                                headers={"Allow": "POST"})
         return _model_info(_entry(name))
 
     @app.post("/v1/models/{name}:predict", response_model=PredictResponse, response_model_exclude_none=True,

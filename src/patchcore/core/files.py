@@ -3,7 +3,8 @@
 Every file the package writes for users (model files, results, reports, exports) goes through
 :func:`atomic_write`: the content is written to a hidden file next to its target and renamed into place, so
 a reader sees the old file or the new one, never a torn one. Files are created like any other file of the
-user's (their umask decides who may read them), not with ``tempfile``'s owner-only 0600.
+user's (their umask decides who may read them), not with ``tempfile``'s owner-only 0600 (nor
+safetensors', which writes 0600 too).
 """
 
 from __future__ import annotations
@@ -15,6 +16,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import PatchCoreError
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _temp_name(path: Path) -> Path:
@@ -35,6 +50,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], overw
     tmp = _temp_name(path)
     try:
         write(tmp)
+        # Some writers (safetensors) create their file 0600 whatever the umask: a user's file is the umask's.
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
