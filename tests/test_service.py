@@ -393,3 +393,59 @@ def test_serve_command(small_model, tmp_path):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "serving 1 model file(s)" in err and "model bottle loaded" in err
+
+
+@pytest.mark.slow
+def test_exports_serve_without_torch_and_answer_as_the_model_file(small_model, bottle, tmp_path):
+    """A folder with a model file and its export: both listed (with their kind), both answer the same numbers
+    within the export's parity; then the export alone, served by `patchcore serve` from a process in which
+    torch cannot be imported."""
+    from patchcore import PatchCore
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(small_model, folder / "bottle.safetensors")
+    PatchCore.load(small_model, device="cpu").export(folder / "bottle-export",
+                                                     images=[bottle / "test" / "broken_large" / "000.png"])
+    images = [bottle / "test" / "good" / "000.png", bottle / "test" / "broken_large" / "000.png"]
+    with running(folder) as base:
+        wait_for(lambda: len(call(base, "GET", "/v1/models").json()["models"]) == 2 or None, timeout=60)
+        kinds = {m["name"]: m["kind"] for m in call(base, "GET", "/v1/models").json()["models"]}
+        assert kinds == {"bottle": "model file", "bottle-export": "export"}
+        for img in images:
+            a = predict(base, "bottle", img.read_bytes(), "?map=true").json()
+            b = predict(base, "bottle-export", img.read_bytes(), "?map=true").json()
+            assert abs(a["score"] - b["score"]) <= 1e-4 * a["score"] and a["verdict"] == b["verdict"]
+            assert a["threshold"] == b["threshold"] and a["pixel_threshold"] == pytest.approx(b["pixel_threshold"])
+            ma, mb = decode_png(a["map"]["png"]) * a["map"]["scale"] / 255, \
+                decode_png(b["map"]["png"]) * b["map"]["scale"] / 255
+            assert np.abs(ma - mb).max() <= 0.01 * np.ptp(ma) + 2 * a["map"]["scale"] / 255  # 8-bit views
+    only = tmp_path / "exports"
+    only.mkdir()
+    shutil.copytree(folder / "bottle-export", only / "bottle")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys; sys.modules['torch'] = None\n"  # as on an install without torch
+            "from patchcore.entry import main\n"
+            f"main(['serve', {str(only)!r}, '--port', '{port}'])\n")
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def ready():
+            """the torch-free subprocess serves the export"""
+            assert proc.poll() is None, proc.communicate()
+            try:
+                return call(base, "GET", "/readyz", timeout=5).status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=90, every=0.3)
+        reply = predict(base, "bottle", images[1].read_bytes())
+        assert reply.status == 200 and reply.json()["verdict"] == "anomalous"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "1 export(s)" in err, err

@@ -103,6 +103,13 @@ def _handles_errors(fn):
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             _fail(f"{where}{e.strerror or e}")
+        except ModuleNotFoundError as e:
+            from .entry import FULL
+
+            if (e.name or "").split(".")[0] not in FULL:
+                raise
+            _fail(f"this command needs the full install ({e.name} is missing): pip install \"patchcore[full]\"; "
+                  f"this install serves and scores exported models (patchcore serve, patchcore info)")
         except MemoryError:
             _fail("out of memory; use fewer or smaller images, a smaller --coreset-ratio or --batch-size")
         except KeyboardInterrupt:
@@ -890,10 +897,13 @@ def serve(
                                max_pixels=int(max_megapixels * 1e6), concurrency=concurrency, queue_size=queue,
                                reload_interval=reload_interval, device=device)
     settings.check()
-    from .registry import MODEL_SUFFIX
+    from .registry import kind_of, served_paths
 
-    found = sorted(p.name for p in models_dir.glob(f"*{MODEL_SUFFIX}") if not p.name.startswith("."))
-    err_console.print(f"serving {len(found)} model file(s) from {escape(str(models_dir))}"
+    paths = list(served_paths(models_dir).values())
+    found = [f"{p.name} ({kind_of(p)})" for p in paths]
+    n_exports = sum(kind_of(p) == "export" for p in paths)
+    err_console.print(f"serving {len(paths) - n_exports} model file(s) and {n_exports} export(s) from "
+                      f"{escape(str(models_dir))}"
                       f"{': ' + escape(', '.join(found)) if found else ' (none yet: add some, they are picked up)'}"
                       f"; page http://{host}:{port}/ , API reference http://{host}:{port}/docs", soft_wrap=True)
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

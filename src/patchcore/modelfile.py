@@ -20,6 +20,7 @@ from . import __version__
 from .backbones import NORMALIZATIONS
 from .core.files import atomic_write
 from .coreset import CoresetSampler
+from .devices import check_device
 from .errors import ModelFileError, PatchCoreError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -124,8 +125,6 @@ def load(cls: type[PatchCore], path: str | os.PathLike, device: str = "auto",
          backbone_weights: str | os.PathLike | None = None) -> PatchCore:
     """Read a model saved by :func:`save` as a ``cls``; corrupt, truncated or foreign files raise
     ModelFileError, and so does a file this version would score differently from its writer."""
-    from .settings import check_device
-
     check_device(device)  # the caller's mistake, not the file's: said before the file is read
     path = Path(path)
     meta, bank = _read(path)

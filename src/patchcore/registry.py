@@ -24,11 +24,12 @@ import numpy as np
 from .errors import PatchCoreError
 from .inference import Thresholds, load_model, thresholds_in_force
 
-__all__ = ["ModelEntry", "ModelRegistry", "MODEL_SUFFIX"]
+__all__ = ["ModelEntry", "ModelRegistry", "MODEL_SUFFIX", "EXPORT_META", "served_paths", "kind_of"]
 
 log = logging.getLogger("patchcore.registry")
 
 MODEL_SUFFIX = ".safetensors"
+EXPORT_META = "patchcore.json"  # what makes a folder an export (patchcore.runtime.META_FILE)
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
 
@@ -53,9 +54,31 @@ class LoadFailure:
     at: float = field(default_factory=time.time)
 
 
+def kind_of(path: Path) -> str:
+    """"export" for an export folder (served by the torch-free runtime), else "model file"."""
+    return "export" if path.is_dir() else "model file"
+
+
+def served_paths(folder: Path) -> dict[str, Path]:
+    """What a folder serves, by name: every ``NAME.safetensors`` model file and every export folder ``NAME/``
+    (one that holds ``patchcore.json``); hidden ones are left out. A model file and an export of one name: the
+    model file serves (the export is logged, to be renamed)."""
+    files = {p.stem: p for p in sorted(folder.iterdir())
+             if p.suffix == MODEL_SUFFIX and not p.name.startswith(".") and p.is_file()}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.name.startswith(".") and (p / EXPORT_META).is_file():
+            if p.name in files:
+                log.warning("export folder %s has the name of model file %s, which serves; rename the folder",
+                            p, files[p.name].name)
+                continue
+            files[p.name] = p
+    return dict(sorted(files.items()))
+
+
 def _signature(path: Path) -> Signature | None:
     try:
-        st = path.stat()
+        # An export is written to a hidden folder and renamed into place: its metadata file is new each time.
+        st = (path / EXPORT_META).stat() if path.is_dir() else path.stat()
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns, st.st_ino
@@ -66,16 +89,23 @@ def _one_line(e: BaseException) -> str:
 
 
 def load_and_warm(path: Path, device: str = "cpu") -> tuple[Any, Thresholds]:
-    """Load a model file and score one blank image, so that the backbone, the bank's index and the weights'
-    fingerprint check happen now and not on the first request."""
-    model = load_model(path, device=device)
+    """Load a model file (PatchCore) or an export folder (the torch-free runtime) and score one blank image,
+    so that the network, the bank's index and the weights' fingerprint check happen now and not on the first
+    request."""
+    if path.is_dir():
+        from .runtime import load
+
+        model = load(path, device=device)
+    else:
+        model = load_model(path, device=device)
     thresholds = thresholds_in_force(model, model_name=path.name)
     model.predict([np.full((64, 64, 3), 128, np.uint8)])
     return model, thresholds
 
 
 class ModelRegistry:
-    """Every ``*.safetensors`` file of ``folder`` as a model named by its stem (hidden files are left out).
+    """Every ``*.safetensors`` file of ``folder`` as a model named by its stem, and every export folder by its
+    name (:func:`served_paths`; hidden ones are left out).
 
     ``scan()`` brings the served set in step with the folder once; ``start(interval)`` does so in a thread
     every ``interval`` seconds. ``on_event(kind, name, detail)`` hears of "loaded", "failed" and "removed".
@@ -114,11 +144,10 @@ class ModelRegistry:
     # ------------------------------------------------------------------------------------------ scanning
     def _files(self) -> dict[str, Path]:
         try:
-            paths = [p for p in self.folder.iterdir() if p.suffix == MODEL_SUFFIX and not p.name.startswith(".")]
+            return served_paths(self.folder)
         except OSError as e:
             log.warning("cannot list %s: %s", self.folder, _one_line(e))
             return {}
-        return {p.stem: p for p in sorted(paths) if p.is_file()}
 
     def scan(self) -> None:
         """Load new and changed files that have stayed the same since the last scan (on the first scan, all),
@@ -167,6 +196,10 @@ class ModelRegistry:
         self._event("loaded", name, str(path))
 
     def _fail(self, name: str, path: Path, sig: Signature, detail: str) -> None:
+        # Reported to clients (the listing, the page): the server's own paths are not theirs to see.
+        for where, shown in ((str(path.resolve()), path.name), (str(path), path.name),
+                             (str(self.folder.resolve()), "."), (str(self.folder), ".")):
+            detail = detail.replace(where, shown)
         self._failures[name] = LoadFailure(name, path, detail, sig)
         serving = " (the version loaded before keeps serving)" if name in self._entries else ""
         self._event("failed", name, detail + serving)

@@ -83,8 +83,10 @@ class Runtime:
         digest = meta.get("features_sha256") if fast else meta.get("onnx_sha256")
         if not graph.is_file() or file_sha256(graph) != digest:
             raise ModelFileError(f"{graph}: missing, or not the graph this export was written with (checksum)")
+        if device == "auto":
+            device = "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
         if device not in PROVIDERS:
-            raise PatchCoreError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}")
+            raise PatchCoreError(f"device must be auto or one of {', '.join(PROVIDERS)}, got {device!r}")
         if PROVIDERS[device] not in ort.get_available_providers():
             raise PatchCoreError(f"onnxruntime here has no {PROVIDERS[device]}; install onnxruntime-gpu for cuda")
         opts = ort.SessionOptions()
@@ -150,6 +152,27 @@ class Runtime:
     def predict(self, images: ImagesLike, skip_unreadable: bool = False) -> list[Prediction]:
         """Score images: a file, a folder, an array, or a list of files and arrays."""
         return list(self.iter_predict(images, skip_unreadable))
+
+    # The estimator's names for what the front ends read (thresholds, settings, fit summary), so that the
+    # service and patchcore.inference take an export where they take a PatchCore.
+    @property
+    def threshold_(self) -> float | None:
+        return self.threshold
+
+    @property
+    def calibration_(self) -> dict[str, Any]:
+        cal = dict(self.meta.get("calibration") or {})
+        if self.pixel_threshold is not None:
+            cal["pixel_threshold"] = self.pixel_threshold
+        return cal
+
+    @property
+    def fit_info_(self) -> dict[str, Any]:
+        return {k: self.meta.get(k) for k in ("bank_size", "feature_dim")}
+
+    def get_params(self) -> dict[str, Any]:
+        src = self.meta.get("source_model", {})
+        return {"backbone": src.get("backbone"), "num_neighbors": self.num_neighbors, "sigma": self.sigma}
 
     def __repr__(self) -> str:
         src = self.meta.get("source_model", {})

@@ -41,7 +41,7 @@ from . import __version__
 from .core.imagefiles import check_image_bytes, read_image_bytes
 from .errors import ImageError, PatchCoreError
 from .inference import score_image, thresholds_in_force
-from .registry import ModelEntry, ModelRegistry
+from .registry import ModelEntry, ModelRegistry, kind_of
 from .visualize import png_bytes
 
 __all__ = ["ServiceSettings", "create_app", "serve", "API_KEY_ENV"]
@@ -74,7 +74,7 @@ class ServiceSettings:
                 raise PatchCoreError(f"the {name} must be at least {low}, got {value}")
         if not self.reload_interval > 0:
             raise PatchCoreError(f"the reload interval must be positive, got {self.reload_interval}")
-        from .settings import check_device
+        from .devices import check_device
 
         check_device(self.device, "--device")  # before the first model load, which would fail for every model
 
@@ -128,6 +128,8 @@ class Calibration(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    kind: Literal["model file", "export"] = Field(
+        description="A model file (scored with PyTorch) or an export folder (the torch-free runtime).")
     file: str
     file_bytes: int
     loaded_at: datetime
@@ -277,8 +279,10 @@ def _model_info(e: ModelEntry) -> ModelInfo:
     cal = dict(m.calibration_ or {})
     params = m.get_params()
     info = m.fit_info_ if hasattr(m, "fit_info_") else {}
+    kind = kind_of(e.path)
+    size = sum(f.stat().st_size for f in e.path.iterdir() if f.is_file()) if kind == "export" else e.signature[0]
     return ModelInfo(
-        name=e.name, file=e.path.name, file_bytes=e.signature[0], loaded_at=_when(e.loaded_at),
+        name=e.name, kind=kind, file=e.path.name, file_bytes=size, loaded_at=_when(e.loaded_at),
         backbone=str(params.get("backbone")), image_size=list(m.preprocessing.input_size),
         bank_size=info.get("bank_size"), threshold=e.thresholds.image, pixel_threshold=e.thresholds.pixel,
         threshold_source=e.thresholds.source,

@@ -14,6 +14,7 @@ import numpy as np
 
 from .backbones import NORMALIZATIONS, get_backbone
 from .core.geometry import Preprocessing
+from .devices import check_device
 from .errors import PatchCoreError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -97,22 +98,6 @@ def check(model: PatchCore) -> None:
                              f"(degrees), got {model.rotations!r}")
     if rot and p.input_size[0] != p.input_size[1]:
         raise PatchCoreError(f"rotations need a square network input, got {p.input_size}")
-
-
-def check_device(device: str, name: str = "device") -> None:
-    """The one check of a device name, for the estimator and every front end: a CUDA device that this machine
-    does not have is one clear line, not a CUDA traceback (``name``: how the caller's users spell it)."""
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise PatchCoreError(f"{name} must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if str(device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PatchCoreError(f"{name} {device}: this machine has no CUDA GPU that torch can use; "
-                                 f"use {name} cpu (or auto, which takes a GPU when there is one)")
-        index = str(device).partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise PatchCoreError(f"{name} {device}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
 
 
 def check_target_far(target_far: float, name: str = "target_far") -> None:

@@ -57,7 +57,7 @@ async function loadModels() {
   const select = $("model");
   const before = select.value;
   select.replaceChildren();
-  for (const m of body.models) select.add(new Option(m.name, m.name));
+  for (const m of body.models) select.add(new Option(m.kind === "export" ? `${m.name} (export)` : m.name, m.name));
   if (!body.models.length) select.add(new Option("no model serves yet", ""));
   if (body.models.some((m) => m.name === before)) select.value = before;
   describeModel(body.failures);
