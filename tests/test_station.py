@@ -120,3 +120,25 @@ def test_a_threshold_from_too_few_images_says_what_it_guarantees():
                    "(the 1% asked for needs 99 good images)")
     enough = describe_threshold(calibrate_scores(list(np.linspace(1, 2, 120)), 0.01).to_dict(), False)
     assert enough == "calibrated for a 1% false-alarm rate on 120 good images"
+
+
+def test_pixel_limits_are_one_line_in_the_library_and_the_runtime(tmp_path, monkeypatch):
+    """Pillow's decompression-bomb warning used to print in the middle of a run; the runtime had no limit."""
+    from PIL import Image
+
+    from patchcore import ImageError, runtime
+    from patchcore.core.imagefiles import read_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (400, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 120,000 pixels: past the warning, not the error
+    with pytest.raises(ImageError, match="too many pixels to decode safely"):
+        read_image(path)
+    monkeypatch.undo()
+    rt = runtime.load(FIXTURES / "legacy_export_v1", max_pixels=100_000)
+    with pytest.raises(ImageError, match="the limit is 0.1 megapixels"):
+        rt.predict([path])
+    with pytest.raises(ImageError, match="the limit is 0.1 megapixels"):
+        rt.predict(np.zeros((300, 400, 3), np.uint8))
+    assert len(rt.predict([path], skip_unreadable=True)) == 0 and rt.skipped_[0][0] == str(path)
+    assert len(runtime.load(FIXTURES / "legacy_export_v1").predict([path])) == 1

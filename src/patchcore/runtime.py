@@ -61,7 +61,8 @@ class Runtime:
     """An exported model, loaded for scoring. Use :func:`load`."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 path: str = "auto") -> None:
+                 path: str = "auto", max_pixels: int | None = None) -> None:
+        self.max_pixels = max_pixels
         try:
             import onnxruntime as ort
         except ImportError:
@@ -146,7 +147,7 @@ class Runtime:
     def iter_predict(self, images: ImagesLike, skip_unreadable: bool = False) -> Iterator[Prediction]:
         """Yield a Prediction per image, one at a time (as a station scores them)."""
         self.skipped_: list[tuple[str, str]] = []
-        for item, rgb in iter_loaded(as_items(images), skip_unreadable, self.skipped_):
+        for item, rgb in iter_loaded(as_items(images), skip_unreadable, self.skipped_, self.max_pixels):
             yield self.score_array(rgb, item.name)
 
     def predict(self, images: ImagesLike, skip_unreadable: bool = False) -> list[Prediction]:
@@ -179,12 +180,15 @@ class Runtime:
         return f"Runtime({str(self.folder)!r}, backbone={src.get('backbone')!r}, threshold={self.threshold})"
 
 
-def load(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None, path: str = "auto") -> Runtime:
+def load(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None, path: str = "auto",
+         max_pixels: int | None = None) -> Runtime:
     """Load an export folder written by ``patchcore export`` / :func:`patchcore.export.export`.
 
     ``path="fast"`` runs the network graph and searches the bank exactly in numpy, comparing each patch with
     the cells that can hold its nearest neighbour; ``path="graph"`` runs the single graph of the whole
     pipeline (brute-force search inside onnxruntime). Both were checked against the model at export.
     ``"auto"`` (default) takes the fast path for a bank split into cells, the graph for a small bank.
+    ``max_pixels``: larger images are refused from their header before they are decoded (as the service's
+    ``--max-megapixels``); either way, images past Pillow's decompression-bomb limit are one ImageError.
     """
-    return Runtime(folder, device, threads, path)
+    return Runtime(folder, device, threads, path, max_pixels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,17 +96,22 @@ _UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 
 
 def _bomb(name: str, e: Exception) -> ImageError:
-    return ImageError(f"{name}: too many pixels to decode safely ({' '.join(str(e).split())})")
+    return ImageError(f"{name}: too many pixels to decode safely ({' '.join(str(e).split())}; raise "
+                      f"PIL.Image.MAX_IMAGE_PIXELS to read larger images on purpose)")
 
 
 def _read(source: Path | io.BytesIO, name: str) -> np.ndarray:
     """Decode a file or an in-memory image as H x W x 3 uint8; any failure is an ImageError naming ``name``."""
     try:
-        with Image.open(source) as img:
-            a = _decode(img)
+        # Pillow warns (and goes on) past MAX_IMAGE_PIXELS and refuses past twice that: both are one line here,
+        # never a warning in the middle of a run's output.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                a = _decode(img)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _bomb(name, e) from None
     except _UNREADABLE as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
@@ -212,10 +218,17 @@ def as_items(images: ImagesLike) -> list[Item]:
 
 
 def iter_loaded(items: Iterable[Item], skip_unreadable: bool = False,
-                skipped: list[tuple[str, str]] | None = None) -> Iterator[tuple[Item, np.ndarray]]:
-    """Yield (item, rgb array); unreadable ones raise, or are skipped and recorded when asked."""
+                skipped: list[tuple[str, str]] | None = None,
+                max_pixels: int | None = None) -> Iterator[tuple[Item, np.ndarray]]:
+    """Yield (item, rgb array); unreadable ones raise, or are skipped and recorded when asked. With
+    ``max_pixels``, a larger image is refused as unreadable (a file from its header, before it is decoded)."""
     for item in items:
         try:
+            if max_pixels is not None:
+                if isinstance(item.source, np.ndarray):
+                    _check_size(item.name, item.source.shape[1], item.source.shape[0], max_pixels)
+                else:
+                    check_image_file(item.source, max_pixels)
             yield item, item.load()
         except ImageError as e:
             if not skip_unreadable:
