@@ -42,7 +42,9 @@ def render(tmp_path: Path) -> str:
 def test_report_has_tables_charts_and_embedded_images(tmp_path):
     page = render(tmp_path)
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<table") == 2 and "image AUROC" in page and "coreset_ratio" in page
+    assert page.count("<table") == 2 and "image AUROC" in page
+    # settings in words (issue 21): labels and plain values, not constructor keys and Python reprs
+    assert "coreset ratio" in page and "coreset_ratio" not in page and "a, b" in page and "['a'" not in page
     assert page.count("<svg") == 2 and "AUROC 1.0000" in page and "threshold = 2" in page
     assert "Worst misses" in page and "Worst false alarms" in page
     assert page.count("data:image/png;base64,") == 12  # 3 + 3 cards, each image + overlay

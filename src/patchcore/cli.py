@@ -10,7 +10,6 @@ stderr); ``--quiet`` prints nothing but errors.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -189,27 +188,6 @@ def _print_skipped(skipped: list[dict[str, str]], quiet: bool) -> None:
 
 
 _load_model = load_model  # the library's: friendly errors for a folder or a damaged file
-
-
-# Model settings whose constructor names say little to people (the rest read fine with spaces for "_").
-PARAM_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "score neighbours (Eq. 7 b)",
-                "sigma": "map smoothing (sigma, px)", "target_dim": "feature width", "coreset_ratio": "coreset ratio",
-                "projection_dim": "coreset projection width", "border_pad": "border padding (px)",
-                "rotations": "fitted turns (degrees)",
-                "calibration_folds": "calibration folds"}
-
-
-def _show(value: Any) -> str:
-    """A setting's value for people: no Python reprs (tuples, None, True)."""
-    if value is None:
-        return "default"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_show(v) for v in value) if value else "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def _image_error_hint(e: ImageError) -> CliError:
@@ -759,10 +737,10 @@ def info(
     t = Table(title=f"{model_path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    for k, v in model.get_params().items():
-        # the sampler's fields as settings of their own (no Python repr), as model files record them
-        for name, value in (dataclasses.asdict(v).items() if dataclasses.is_dataclass(v) else [(k, v)]):
-            t.add_row(PARAM_LABELS.get(name, name.replace("_", " ")), Text(_show(value)))
+    from .report import settings_in_words
+
+    for label, value in settings_in_words(model.get_params()):
+        t.add_row(label, Text(value))
     fi = model.fit_info_
     turns = f" (each also turned: {fi['turns']} views)" if fi.get("turns", 1) > 1 else ""
     t.add_row("fitted on", f"{fi.get('n_images')} images{turns}, memory bank {fi.get('bank_size')} x "

@@ -298,7 +298,7 @@ def render_html(title: str, subtitle: str, settings: dict[str, Any], metric_tabl
     parts.append("<h2>Results</h2>")
     parts.append(_table(*metric_table, cls="metrics"))
     parts.append("<h2>Settings</h2>")
-    parts.append(_table(["setting", "value"], [[k, _show(v)] for k, v in settings.items()], cls="kv"))
+    parts.append(_table(["setting", "value"], [list(row) for row in settings_in_words(settings)], cls="kv"))
     for sec in sections:
         parts.append(f"<h2>{html.escape(sec.name)}</h2>")
         for n in sec.notes:
@@ -329,16 +329,42 @@ def render_html(title: str, subtitle: str, settings: dict[str, Any], metric_tabl
     return "".join(parts)
 
 
-def _show(v: Any) -> str:
-    if is_dataclass(v) and not isinstance(v, type):  # e.g. the coreset sampler among the settings
-        v = asdict(v)
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_show(x) for x in v)
-    if isinstance(v, dict):
-        return "; ".join(f"{k}: {_show(x)}" for k, x in v.items())
-    return "-" if v is None else str(v)
+# Settings whose constructor names say little to people (the rest read fine with spaces for "_").
+SETTING_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "score neighbours (Eq. 7 b)",
+                  "sigma": "map smoothing (sigma, px)", "target_dim": "feature width", "coreset_ratio": "coreset ratio",
+                  "projection_dim": "coreset projection width", "border_pad": "border padding (px)",
+                  "rotations": "fitted turns (degrees)", "calibration_folds": "calibration folds",
+                  "calibration_max_images": "most images cross-fitted", "n_jobs": "parallel jobs",
+                  "shard_features": "most features selected in one piece", "shard_by": "large selections split by",
+                  "cell_exchange": "coreset cells exchange centres", "exact_bank": "exact bank selection",
+                  "storage_dtype": "feature storage while fitting"}
+
+
+def words(value: Any) -> str:
+    """A setting's value for people: no Python reprs (tuples, None, True, dataclasses)."""
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {words(x)}" for k, x in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(words(v) for v in value) if value else "none"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def settings_in_words(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of settings for people; a dataclass setting (the coreset sampler) gives a row per
+    field, as the model file records them."""
+    rows = []
+    for key, value in settings.items():
+        items = asdict(value).items() if is_dataclass(value) and not isinstance(value, type) else [(key, value)]
+        rows += [(SETTING_LABELS.get(k, k.replace("_", " ")), words(v)) for k, v in items]
+    return rows
 
 
 def write_report(path: str | os.PathLike, page: str, overwrite: bool = False) -> Path:
