@@ -6,6 +6,7 @@ models (onnxruntime, no torch) asks onnxruntime instead.
 
 from __future__ import annotations
 
+from .core.threads import threads
 from .errors import PatchCoreError
 
 
@@ -38,3 +39,13 @@ def check_device(device: str, name: str = "device") -> None:
     index = str(device).partition(":")[2]
     if index and (not index.isdigit() or int(index) >= count):
         raise PatchCoreError(f"{name} {device}: there are {count} CUDA GPU(s) here")
+
+
+def apply_torch_threads() -> None:
+    """Give torch the process's thread decision (:func:`threads`), if there is one."""
+    n = threads()
+    if n is not None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)

@@ -26,6 +26,7 @@ from .core.imagefiles import ImagesLike, Item, as_items, iter_loaded
 from .core.prediction import Prediction
 from .core.scoring import score_patches
 from .coreset import CoresetSampler
+from .devices import apply_torch_threads
 from .errors import ModelFileError, NotFittedError, PatchCoreError
 from .features import FeatureExtractor
 from .fitting import FitPlan, Progress
@@ -222,6 +223,7 @@ class PatchCore:
         """The feature extractor on the model's device, built once; for a fitted model, refused when its
         weights are not those the model was fitted with."""
         if self._extractor is None:
+            apply_torch_threads()
             extractor = FeatureExtractor(
                 self.members, self.layers, self.normalization_names,
                 None if self.backbone_weights is None else str(self.backbone_weights),

@@ -30,6 +30,7 @@ from .core.imagefiles import ImagesLike, as_items, iter_loaded
 from .core.prediction import Prediction
 from .core.scoring import score_patches
 from .core.search import CellSearch
+from .core.threads import threads as process_threads
 from .errors import ModelFileError, PatchCoreError
 
 # 2: model.onnx ends at the search (distances, indices, features) and the scoring is the estimator's own code;
@@ -91,6 +92,7 @@ class Runtime:
         if PROVIDERS[device] not in ort.get_available_providers():
             raise PatchCoreError(f"onnxruntime here has no {PROVIDERS[device]}; install onnxruntime-gpu for cuda")
         opts = ort.SessionOptions()
+        threads = threads or process_threads()
         if threads:
             opts.intra_op_num_threads = int(threads)
         try:

@@ -1,0 +1,25 @@
+"""How many threads the scoring libraries of this process use: one decision, read from the environment."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import PatchCoreError
+
+THREADS_ENV = "PATCHCORE_THREADS"
+
+
+def threads() -> int | None:
+    """The intra-op threads every scoring library of this process uses (torch, onnxruntime), from
+    ``PATCHCORE_THREADS``; None (unset) leaves each library its own default (one thread per core).
+
+    One decision for the whole process, because the libraries do not know of each other: on a machine with
+    other work, a pool of one thread per core per library makes every matrix product wait for cores that are
+    busy (docs/benchmarks.md, section 15). The bank search's BLAS products run on one thread whatever this
+    says (patchcore.core.search)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise PatchCoreError(f"{THREADS_ENV} must be a whole number of threads, at least 1, got {value!r}")
+    return int(value)
