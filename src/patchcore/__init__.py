@@ -10,7 +10,14 @@ __version__ = "0.1.0"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .core.prediction import Prediction  # noqa: E402
+from .core.threads import decide as _decide_threads  # noqa: E402
 from .errors import BackboneError, DatasetError, ImageError, ModelFileError, NotFittedError, PatchCoreError  # noqa: E402
+
+# PATCHCORE_THREADS, the process's one thread decision, must reach OpenMP and BLAS before they start: here.
+try:
+    _decide_threads()
+except PatchCoreError:
+    pass  # a bad value is said where it is used (patchcore.core.threads.threads)
 
 # What the estimator needs beyond the bare install (numpy, Pillow, onnxruntime): the "full" extra.
 _FULL = ("torch", "torchvision", "timm", "faiss", "scipy", "sklearn", "skimage", "safetensors")

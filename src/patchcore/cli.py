@@ -856,6 +856,10 @@ def serve(
                                                         "replaced model files.")] = 2.0,
     device: Device = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn's log level: debug, info, warning, error.")] = "info",
+    threads: Annotated[Optional[int], typer.Option(
+        help="Threads each scorer's network uses (torch, onnxruntime, BLAS); default 1, or PATCHCORE_THREADS. "
+             "One thread a scorer kept latency steady beside other work (docs/benchmarks.md, section 15); "
+             "raise it on a machine that does nothing else.")] = None,
 ) -> None:
     """Serve every model of MODELS_DIR over HTTP, with a web page to try them (FastAPI on uvicorn).
 
@@ -863,6 +867,17 @@ def serve(
     normalised score, verdict and threshold, as `patchcore predict` would; GET / is the web page, /docs the
     API reference, /metrics Prometheus metrics, /healthz and /readyz the health checks.
     """
+    import os
+
+    from .core.threads import POOL_VARIABLES, decide
+
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be at least 1, got {threads}")
+    # Before anything starts torch or onnxruntime: the pools read it when they start; --threads wins over all.
+    if threads is not None:
+        for var in ("PATCHCORE_THREADS", *POOL_VARIABLES):
+            os.environ[var] = str(threads)
+    decide(1)
     from .service import ServiceSettings
     from .service import serve as run_service
 

@@ -95,6 +95,9 @@ class Runtime:
         threads = threads or process_threads()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # onnxruntime's pool spins after each run by default, taking the cores from the numpy search and map
+        # that follow it: measured on 2 cores, 94 -> 65 ms per bottle image (docs/benchmarks.md, section 15).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(graph), opts, providers=[PROVIDERS[device]])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for damaged graphs

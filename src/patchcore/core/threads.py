@@ -23,3 +23,20 @@ def threads() -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise PatchCoreError(f"{THREADS_ENV} must be a whole number of threads, at least 1, got {value!r}")
     return int(value)
+
+
+POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def decide(n: int | None = None) -> int | None:
+    """Make the process's thread decision reach every pool: ``n`` (or ``PATCHCORE_THREADS`` when None) is put
+    in PATCHCORE_THREADS and in the OpenMP and BLAS variables, which those pools read when they start (so set
+    this before torch starts: torch.set_num_threads() sets OpenMP's count for the calling thread only, and the
+    service scores in other threads than the one that loads the model). Variables the user set win."""
+    if n is not None:
+        os.environ.setdefault(THREADS_ENV, str(int(n)))
+    value = threads()
+    if value is not None:
+        for var in POOL_VARIABLES:
+            os.environ.setdefault(var, str(value))
+    return value
