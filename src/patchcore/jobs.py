@@ -403,6 +403,13 @@ def read_result_map(output: str | os.PathLike, row: dict[str, Any], pixel_thresh
     return np.asarray(Image.open(output / row["map_png"]), dtype=np.float32) / 65535.0 * 2.0 * pixel_threshold
 
 
+# The calibration's fields as the prediction report names them (fields it does not have are left out).
+CALIBRATION_LABELS = {"method": "method", "rule": "rule", "target_far": "target false-alarm rate",
+                      "n": "good images", "mean": "score mean", "std": "score std", "max": "score max",
+                      "calibration_far": "share of its images at or above the threshold",
+                      "f1_threshold": "F1-optimal threshold", "source": "source"}
+
+
 def write_predict_report(output: Path, model: PatchCore, model_path: str | os.PathLike, summary: dict[str, Any],
                          files: Sequence[Path]) -> Path:
     """OUTPUT/report.html of a predict run: the counts, the settings, the score histogram, a gallery and, when
@@ -442,8 +449,8 @@ def write_predict_report(output: Path, model: PatchCore, model_path: str | os.Pa
                    and summary["threshold_source"] != THRESHOLD_OVERRIDDEN else {}),
                 "normalised score": summary["normalized_score"], "mask": summary["mask"],
                 **{k: v for k, v in model.get_params().items()},
-                **{f"calibration {k}": cal[k] for k in ("method", "rule", "target_far", "n", "mean", "std", "max",
-                                                        "calibration_far", "f1_threshold", "source") if k in cal}}
+                **{f"calibration {label}": cal[k] for k, label in CALIBRATION_LABELS.items()
+                   if cal.get(k) is not None}}
     page = render_html("PatchCore prediction report", f"{summary['n_images']} images scored with {model_path}",
                        settings, (headers, [vals]), [sec])
     return write_report(output / "report.html", page, overwrite=True)
