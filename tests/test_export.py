@@ -191,13 +191,19 @@ def test_export_command(small_model, tmp_path):
 
 
 def test_command_on_a_runtime_only_install_says_what_to_install():
-    code = ("import sys\n"
-            "sys.modules['typer'] = None\n"
-            "from patchcore.entry import main\n"
-            "main(['--help'])\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    def bare(*args):
+        code = ("import sys\n"
+                "sys.modules['typer'] = None\n"
+                "from patchcore.entry import main\n"
+                f"main({list(args)!r})\n")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    res = bare("fit", "data", "-o", "m.safetensors")
     assert res.returncode == 1
     assert 'pip install "patchcore[full]"' in res.stderr and "Traceback" not in res.stderr
+    res = bare("--help")  # says what this install can do, and what the others add (issue 21)
+    assert res.returncode == 0 and "runtime.load" in res.stdout
+    assert 'pip install "patchcore[serve]"' in res.stdout and 'pip install "patchcore[full]"' in res.stdout
 
 
 def test_an_export_of_format_1_still_scores_as_its_model(tmp_path):
