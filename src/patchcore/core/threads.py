@@ -30,9 +30,9 @@ POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 def decide(n: int | None = None) -> int | None:
     """Make the process's thread decision reach every pool: ``n`` (or ``PATCHCORE_THREADS`` when None) is put
-    in PATCHCORE_THREADS and in the OpenMP and BLAS variables, which those pools read when they start (so set
-    this before torch starts: torch.set_num_threads() sets OpenMP's count for the calling thread only, and the
-    service scores in other threads than the one that loads the model). Variables the user set win."""
+    in PATCHCORE_THREADS and in the OpenMP and BLAS variables, which those pools read when they start, so call
+    it before they start. torch.set_num_threads() alone leaves numpy's BLAS pool (the input resize and the map
+    are matrix products) at one thread per core, beside torch's. Variables the user set win."""
     if n is not None:
         os.environ.setdefault(THREADS_ENV, str(int(n)))
     value = threads()
