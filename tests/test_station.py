@@ -142,3 +142,31 @@ def test_pixel_limits_are_one_line_in_the_library_and_the_runtime(tmp_path, monk
         rt.predict(np.zeros((300, 400, 3), np.uint8))
     assert len(rt.predict([path], skip_unreadable=True)) == 0 and rt.skipped_[0][0] == str(path)
     assert len(runtime.load(FIXTURES / "legacy_export_v1").predict([path])) == 1
+
+
+def test_one_thread_decision_reaches_every_pool():
+    """PATCHCORE_THREADS reaches OpenMP and BLAS through their variables at import (a variable the user set
+    wins), torch when the network is built, and onnxruntime's sessions; a bad value is one clear error."""
+    code = ("import os, patchcore\n"
+            "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])\n"
+            "from patchcore import PatchCore\n"
+            "import torch\n"
+            "PatchCore(device='cpu').network()\n"
+            "print(torch.get_num_threads())\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "PATCHCORE_THREADS": "1", "MKL_NUM_THREADS": "3"}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.pop(var, None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1", "3", "1"]
+    from patchcore import runtime
+
+    os.environ["PATCHCORE_THREADS"] = "1"
+    try:
+        rt = runtime.load(FIXTURES / "legacy_export_v1")
+        assert rt.session.get_session_options().intra_op_num_threads == 1
+        os.environ["PATCHCORE_THREADS"] = "many"
+        with pytest.raises(PatchCoreError, match="PATCHCORE_THREADS must be a whole number"):
+            runtime.load(FIXTURES / "legacy_export_v1")
+    finally:
+        del os.environ["PATCHCORE_THREADS"]
