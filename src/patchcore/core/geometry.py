@@ -50,17 +50,23 @@ def linear_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     return out
 
 
+def resize_planes(x: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:
+    """Resize every (H, W) plane of a (P, H, W) float32 array to ``size``: two matrix products over all the
+    planes at once, rows then columns."""
+    p, h, w = x.shape
+    if (h, w) == tuple(size):
+        return x
+    x = (x.reshape(p * h, w) @ linear_weights(w, int(size[1]), antialias).T).reshape(p, h, int(size[1]))
+    return np.ascontiguousarray(linear_weights(h, int(size[0]), antialias) @ x)
+
+
 def resize(a: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:
     """Resize an (H, W) or (H, W, C) float array to ``size`` = (height, width); float32 out."""
-    h, w = a.shape[:2]
     a = np.asarray(a, dtype=np.float32)
-    if (h, w) == tuple(size):
-        return a
-    wy = linear_weights(h, int(size[0]), antialias)
-    wx = linear_weights(w, int(size[1]), antialias)
-    out = np.tensordot(wy, a, axes=(1, 0))  # (h', W, ...)
-    out = np.tensordot(wx, out, axes=(1, 1))  # (w', h', ...)
-    return np.ascontiguousarray(np.swapaxes(out, 0, 1))
+    if a.ndim == 2:
+        return resize_planes(a[None], size, antialias)[0]
+    return np.ascontiguousarray(resize_planes(np.ascontiguousarray(a.transpose(2, 0, 1)), size,
+                                              antialias).transpose(1, 2, 0))
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,7 @@ class Preprocessing:
     def input(self, rgb: np.ndarray) -> np.ndarray:
         """One H x W x 3 uint8 image as the (3, h, w) float32 network input in [0, 1]."""
         a = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)  # (3, H, W)
-        if a.shape[1:] != tuple(self.resize):
-            # Channels first, as the network wants them: two batched matrix products, no copies between.
-            c, h, w = a.shape
-            a = (a.reshape(c * h, w) @ linear_weights(w, self.resize[1], True).T).reshape(c, h, self.resize[1])
-            a = linear_weights(h, self.resize[0], True) @ a
+        a = resize_planes(a, self.resize, antialias=True)  # channels first, as the network wants them
         box = self.crop_box()
         if box is not None:
             top, left, h, w = box
