@@ -19,9 +19,6 @@ try:
 except PatchCoreError:
     pass  # a bad value is said where it is used (patchcore.core.threads.threads)
 
-# What the estimator needs beyond the bare install (numpy, Pillow, onnxruntime): the "full" extra.
-_FULL = ("torch", "torchvision", "timm", "faiss", "scipy", "sklearn", "skimage", "safetensors")
-
 
 def __getattr__(name: str):
     # PatchCore needs torch; importing it lazily lets the torch-free runtime (patchcore.runtime) import
@@ -30,7 +27,9 @@ def __getattr__(name: str):
         try:
             from .model import PatchCore
         except ModuleNotFoundError as e:
-            if (e.name or "").split(".")[0] not in _FULL:
+            from .entry import FULL  # what the "full" extra brings beyond the bare install
+
+            if (e.name or "").split(".")[0] not in FULL:
                 raise
             raise ImportError(f"PatchCore (fitting, the PyTorch path) needs the full install, and {e.name} is "
                               f"missing: pip install \"patchcore[full]\". This install scores exported models: "

@@ -724,7 +724,9 @@ def info(
     json_out: JsonOut = False,
 ) -> None:
     """Show a model file's (or an export's) settings, training summary, threshold and calibration."""
-    if model_path.is_dir() and (model_path / "patchcore.json").is_file():  # an export folder
+    from .runtime import META_FILE
+
+    if model_path.is_dir() and (model_path / META_FILE).is_file():  # an export folder
         _export_info(model_path, json_out)
         return
     model = _load_model(model_path)

@@ -157,9 +157,7 @@ class PatchCore:
         value = getattr(self, name)
         if value is not None:
             return value
-        if self.preset not in settings.PRESETS:
-            raise PatchCoreError(f"unknown preset {self.preset!r}; known: {', '.join(settings.PRESETS)}")
-        return getattr(settings.PRESETS[self.preset], name)
+        return getattr(settings.preset(self.preset), name)
 
     @property
     def turns(self) -> tuple[int, ...]:
@@ -168,9 +166,7 @@ class PatchCore:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        if self.preset not in settings.PRESETS:
-            raise PatchCoreError(f"unknown preset {self.preset!r}; known: {', '.join(settings.PRESETS)}")
-        base = settings.PRESETS[self.preset]
+        base = settings.preset(self.preset)
         resize = (int(self.image_size),) * 2 if self.image_size else base.resize
         return Preprocessing(resize=tuple(resize), crop=base.crop)
 

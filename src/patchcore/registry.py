@@ -23,13 +23,14 @@ import numpy as np
 
 from .errors import PatchCoreError
 from .inference import Thresholds, load_model, thresholds_in_force
+from .runtime import META_FILE as EXPORT_META  # what makes a folder an export
+from .runtime import load as load_export
 
-__all__ = ["ModelEntry", "ModelRegistry", "MODEL_SUFFIX", "EXPORT_META", "served_paths", "kind_of"]
+__all__ = ["ModelEntry", "ModelRegistry", "MODEL_SUFFIX", "served_paths", "kind_of"]
 
 log = logging.getLogger("patchcore.registry")
 
 MODEL_SUFFIX = ".safetensors"
-EXPORT_META = "patchcore.json"  # what makes a folder an export (patchcore.runtime.META_FILE)
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
 
@@ -93,9 +94,7 @@ def load_and_warm(path: Path, device: str = "cpu") -> tuple[Any, Thresholds]:
     so that the network, the bank's index and the weights' fingerprint check happen now and not on the first
     request."""
     if path.is_dir():
-        from .runtime import load
-
-        model = load(path, device=device)
+        model = load_export(path, device=device)
     else:
         model = load_model(path, device=device)
     thresholds = thresholds_in_force(model, model_name=path.name)

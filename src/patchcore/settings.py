@@ -48,10 +48,16 @@ PRESETS: dict[str, Preset] = {
 ROTATIONS = (90, 180, 270)
 
 
+def preset(name: str) -> Preset:
+    """The preset of that name; an unknown name is a PatchCoreError that lists the known ones."""
+    if name not in PRESETS:
+        raise PatchCoreError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def check(model: PatchCore) -> None:
     """Raise PatchCoreError (BackboneError for an unknown backbone) for settings that cannot work."""
-    if model.preset not in PRESETS:
-        raise PatchCoreError(f"unknown preset {model.preset!r}; known: {', '.join(PRESETS)}")
+    preset(model.preset)
     members = model.members
     for m in members:
         get_backbone(m)
