@@ -116,9 +116,13 @@ def test_numpy_resize_is_torch_interpolate(h, w, oh, ow, antialias):
 
 
 def test_runtime_imports_no_torch():
+    """The runtime and the whole torch-free core import with torch, faiss, scipy and sklearn unimportable
+    (tests/test_architecture.py checks their import statements)."""
     code = ("import sys\n"
             "for m in ('torch', 'timm', 'faiss', 'torchvision', 'scipy', 'sklearn'): sys.modules[m] = None\n"
             "from patchcore import runtime\n"
+            "import patchcore.core.imagefiles, patchcore.core.geometry, patchcore.core.scoring\n"
+            "import patchcore.core.search, patchcore.core.files, patchcore.core.threads\n"
             "print(runtime.load)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

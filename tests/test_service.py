@@ -120,6 +120,34 @@ def running(models_dir: Path, **settings):
         sock.close()
 
 
+@contextmanager
+def serving_subprocess(args_for_port, **env_vars):
+    """`patchcore serve` in a Python subprocess (``args_for_port(port)``: its arguments after the interpreter)
+    on a free loopback port; yields (base URL, process) once /readyz answers 200, then stops it with Ctrl-C.
+    The process's stderr is in ``proc.stderr_text`` afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_vars)
+    proc = subprocess.Popen([sys.executable, *args_for_port(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def ready():
+            """the subprocess serves its models"""
+            assert proc.poll() is None, proc.communicate()
+            try:
+                return call(base, "GET", "/readyz", timeout=5).status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=90, every=0.3)
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, proc.stderr_text = proc.communicate(timeout=60)
+
+
 def one_line_error(reply: Reply, status: int, *needles: str) -> str:
     assert reply.status == status, (reply.status, reply.body[:300])
     detail = reply.json()["detail"]
@@ -367,30 +395,12 @@ def test_serve_command(small_model, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
     shutil.copy(small_model, folder / "bottle.safetensors")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PATCHCORE_API_KEY="from-env")
-    proc = subprocess.Popen([sys.executable, "-m", "patchcore", "serve", str(folder), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def ready():
-            """the subprocess serves its model"""
-            assert proc.poll() is None, proc.communicate()
-            try:
-                return call(base, "GET", "/readyz", timeout=5).status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=90, every=0.3)
+    with serving_subprocess(lambda port: ["-m", "patchcore", "serve", str(folder), "--port", str(port)],
+                            PATCHCORE_API_KEY="from-env") as (base, proc):
         assert call(base, "GET", "/v1/models").status == 401
         listing = call(base, "GET", "/v1/models", headers={"X-API-Key": "from-env"}).json()
         assert [m["name"] for m in listing["models"]] == ["bottle"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+    err = proc.stderr_text
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "serving 1 model file(s)" in err and "model bottle loaded" in err
 
@@ -423,29 +433,12 @@ def test_exports_serve_without_torch_and_answer_as_the_model_file(small_model, b
     only = tmp_path / "exports"
     only.mkdir()
     shutil.copytree(folder / "bottle-export", only / "bottle")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = ("import sys; sys.modules['torch'] = None\n"  # as on an install without torch
-            "from patchcore.entry import main\n"
-            f"main(['serve', {str(only)!r}, '--port', '{port}'])\n")
-    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def ready():
-            """the torch-free subprocess serves the export"""
-            assert proc.poll() is None, proc.communicate()
-            try:
-                return call(base, "GET", "/readyz", timeout=5).status == 200
-            except OSError:
-                return False
+    def torch_free(port: int) -> list[str]:  # as on an install without torch
+        return ["-c", "import sys; sys.modules['torch'] = None\nfrom patchcore.entry import main\n"
+                      f"main(['serve', {str(only)!r}, '--port', '{port}'])\n"]
 
-        wait_for(ready, timeout=90, every=0.3)
+    with serving_subprocess(torch_free) as (base, proc):
         reply = predict(base, "bottle", images[1].read_bytes())
         assert reply.status == 200 and reply.json()["verdict"] == "anomalous"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+    err = proc.stderr_text
     assert "Traceback" not in err and "1 export(s)" in err, err
