@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,15 +35,12 @@ import threading
 import time
 from pathlib import Path
 
+from latency import timed
+from load_service import free_port, rss_mb
+
 from _data import add_data_argument
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port: int, name: str, body: bytes, timeout: float = 120.0) -> tuple[int, bytes]:
@@ -76,7 +72,7 @@ def _ready(port: int, proc: subprocess.Popen, models: int, timeout: float = 180.
 
 
 def _serve(folder: Path, env: dict[str, str], torch_free: bool = False) -> tuple[subprocess.Popen, int]:
-    port = _port()
+    port = free_port()
     args = ["serve", str(folder), "--port", str(port), "--log-level", "warning", "--device", "cpu"]
     code = ("import sys; sys.modules['torch'] = None\n" if torch_free else "") + \
         f"from patchcore.entry import main\nmain({args!r})\n"
@@ -93,31 +89,12 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def _rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _stats(times: list[float]) -> dict[str, float]:
-    ms = sorted(t * 1000 for t in times)
+def _timed(fn, items) -> dict[str, float]:
+    """latency.timed's loop (3 warm-up items, then each item timed); p99 is the 99th-rank sample, not an
+    interpolation, so that with 30 images it is the slowest one."""
+    ms = sorted(timed(fn, items))
     return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
             "max_ms": ms[-1]}
-
-
-def _timed(fn, items, warm: int = 3) -> dict[str, float]:
-    for x in items[:warm]:
-        fn(x)
-    times = []
-    for x in items:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return _stats(times)
 
 
 def _clients(port: int, name: str, bodies: list[bytes], n: int, seconds: float) -> dict[str, float]:
@@ -203,10 +180,10 @@ def main() -> int:
             _ready(port, proc, 2)
             for name, row in (("bottle", "service, model file"), ("bottle-export", "service, export")):
                 rows[row] = _timed(lambda b, name=name: _post(port, name, b), bodies)
-            rss0 = _rss_mb(proc.pid)
+            rss0 = rss_mb(proc.pid)
             rows[f"{args.clients} clients, model file"] = {**_clients(port, "bottle", bodies, args.clients,
                                                                       args.seconds),
-                                                          "rss_before_mb": rss0, "rss_after_mb": _rss_mb(proc.pid)}
+                                                          "rss_before_mb": rss0, "rss_after_mb": rss_mb(proc.pid)}
         finally:
             _stop(proc)
         proc, port = _serve(only, env, torch_free=True)
@@ -217,7 +194,7 @@ def main() -> int:
             cold = time.perf_counter() - t0
             rows["torch-free service"] = {**_timed(lambda b: _post(port, "bottle", b), bodies),
                                           "cold_start_s": cold, "first_status": status,
-                                          "rss_mb": _rss_mb(proc.pid)}
+                                          "rss_mb": rss_mb(proc.pid)}
         finally:
             _stop(proc)
     finally:
