@@ -227,7 +227,8 @@ def test_a_model_this_version_would_preprocess_differently_is_refused(tmp_path):
             PatchCore.load(_with_metadata(src, tmp_path / f"{change.__name__}.safetensors", change))
     # A file that does not name its size (as every file did while "full" meant 256 px) takes the size its
     # preprocessing records, whatever the preset's size is today.
-    assert PatchCore.load(src).preprocessing.resize == (256, 256) != PatchCore().preprocessing.resize
+    assert PatchCore.load(src).preprocessing.resize == (256, 256) != PatchCore().input_size_for(
+        np.zeros((900, 900, 3), np.uint8))
 
 
 def test_normalisation_and_padding_are_saved_and_restored(bottle, tmp_path):

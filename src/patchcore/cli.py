@@ -14,6 +14,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -226,6 +227,14 @@ def _model_params(*, backbone: str | None, coreset_ratio: float, preset: str, im
     return p
 
 
+def _input_words(size: Sequence[int], keep_aspect: bool, channels: str | None) -> str:
+    """The network input in words: its size, whether it keeps the aspect ratio, the channels."""
+    h, w = size
+    how = "aspect ratio kept" if keep_aspect else "images squashed to it"
+    kind = {"gray": "grayscale", "color": "colour"}.get(channels or "", "any channels")
+    return f"{h} x {w} px (height x width), {how}; {kind}"
+
+
 # ------------------------------------------------------------------------------------------- options
 class ThresholdMethod(str, Enum):
     conformal = "conformal"
@@ -264,8 +273,14 @@ Rotations = Annotated[Optional[str], typer.Option(help="Quarter turns of every g
                                                        "For parts that come at any angle.")]
 BorderPad = Annotated[Optional[int], typer.Option(help="Pixels of reflection padding around the network input "
                                                        "(multiple of 16; 0 = none; default: the preset's).")]
-ImageSize = Annotated[Optional[int], typer.Option(help="Side the image is resized to (overrides the preset's "
-                                                       "288 for full); larger sees smaller defects, slower.")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Shorter side of the network input (overrides the preset's "
+                                                       "288 for full); the longer follows the good images' aspect "
+                                                       "ratio. Larger sees smaller defects, slower.")]
+Scale = Annotated[Optional[float], typer.Option(help="Instead of --image-size: network pixels per image pixel "
+                                                     "(1 = native resolution), for small defects on large images.")]
+KeepAspect = Annotated[Optional[bool], typer.Option("--keep-aspect/--squash", help="Keep each image's aspect "
+                                                     "ratio, or squash it to a square (default: the preset's; "
+                                                     "paper squashes).", show_default=False)]
 NumNeighbors = Annotated[int, typer.Option(help="b of the paper's Eq. 7 score reweighting (1 turns it off).")]
 Sigma = Annotated[float, typer.Option(help="Gaussian smoothing of the anomaly map, in network-input pixels.")]
 Seed = Annotated[int, typer.Option(help="Seed of the coreset and of the calibration folds (same seed, same model).")]
@@ -316,6 +331,8 @@ def fit(
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
     image_size: ImageSize = None,
+    scale: Scale = None,
+    keep_aspect: KeepAspect = None,
     border_pad: BorderPad = None,
     rotations: Rotations = None,
     num_neighbors: NumNeighbors = 9,
@@ -337,6 +354,7 @@ def fit(
 ) -> None:
     """Fit a model on good images and calibrate its pass/fail threshold for a target false-alarm rate."""
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
+                           scale=scale, keep_aspect=keep_aspect,
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
                            border_pad=border_pad, rotations=rotations)
@@ -362,6 +380,7 @@ def fit(
     n_cal = summary["n_calibration"]
     rows = [("good images", f"{summary['n_good']} ({summary['layout']})"),
             ("fitted on", f"{summary['n_fit']} images -> memory bank of {summary['bank_size']} patches"),
+            ("network input", _input_words(summary["input_size"], summary["keep_aspect"], summary["channels"])),
             ("calibrated on", f"{n_cal} good images ({summary['calibration_source']})"),
             ("threshold", f"{summary['threshold']:.6g}  ({summary['threshold_source']})"),
             ("guarantee", summary["guarantee"]),
@@ -399,6 +418,8 @@ def fit_many_cmd(
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
     image_size: ImageSize = None,
+    scale: Scale = None,
+    keep_aspect: KeepAspect = None,
     border_pad: BorderPad = None,
     rotations: Rotations = None,
     num_neighbors: NumNeighbors = 9,
@@ -428,6 +449,7 @@ def fit_many_cmd(
     if not output.parent.resolve().is_dir():
         raise CliError(f"{output.parent}: folder does not exist")
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
+                           scale=scale, keep_aspect=keep_aspect,
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, border_pad=border_pad, rotations=rotations,
                            backbone_weights=backbone_weights, calibration_folds=folds)
@@ -558,6 +580,8 @@ def evaluate(
     coreset_ratio: CoresetRatio = 0.1,
     preset: Preset = "full",
     image_size: ImageSize = None,
+    scale: Scale = None,
+    keep_aspect: KeepAspect = None,
     border_pad: BorderPad = None,
     rotations: Rotations = None,
     num_neighbors: NumNeighbors = 9,
@@ -582,6 +606,7 @@ def evaluate(
     if not data.exists():
         raise CliError(f"{data}: no such folder")
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
+                           scale=scale, keep_aspect=keep_aspect,
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
                            border_pad=border_pad, rotations=rotations, calibration_folds=folds)
@@ -747,6 +772,8 @@ def info(
     turns = f" (each also turned: {fi['turns']} views)" if fi.get("turns", 1) > 1 else ""
     t.add_row("fitted on", f"{fi.get('n_images')} images{turns}, memory bank {fi.get('bank_size')} x "
                            f"{fi.get('feature_dim')}, {fi.get('fit_seconds', 0):.1f} s")
+    pre = model.preprocessing
+    t.add_row("network input", _input_words(pre.input_size, pre.keep_aspect, pre.channels))
     if model.threshold_ is None:
         t.add_row("threshold", "none (not calibrated: `patchcore predict` needs --threshold)")
     else:

@@ -223,14 +223,16 @@ def fit_memory(n_images: int, patches_per_image: int, width: int) -> int:
     return int(2 * 4 * patches_per_image * width * n_images + PROCESS_BYTES)
 
 
-def patch_shape(params: dict[str, Any]) -> tuple[int, int, int, int]:
+def patch_shape(params: dict[str, Any], images: Sequence[str | os.PathLike]) -> tuple[int, int, int, int]:
     """(turns, grid height, grid width, feature width) of the patch features a model with ``params`` fits on
-    per good image: one forward pass of a blank image (every image is resized to the same input, so every
-    image gives this grid) and the number of its ``turns`` (each a grid of its own)."""
+    per good image of ``images``: one forward pass of a blank image at the network input the fit would choose
+    (every image is fitted into that input, so every image gives this grid) and the number of its ``turns``
+    (each as many patches)."""
     from .model import PatchCore
 
     model = PatchCore(**params)
-    h, w = model.preprocessing.input_size
+    h, w = model.input_size_for(images, skip_unreadable=True)
+    model.set_geometry((h, w), None)
     feats, _ = model.extract(np.zeros((1, h, w, 3), np.uint8))
     return len(model.turns), int(feats.shape[1]), int(feats.shape[2]), int(feats.shape[3])
 
@@ -255,12 +257,14 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
                 progress(results[p.name])
     else:
         with cluster(address) as ray:
-            t, h, w, d = patch_shape(params)
             task = ray.remote(num_cpus=1)(_fit_task)
-            refs = {task.options(memory=fit_memory(len(good_images(p)[0]), t * h * w, d),
-                                 name=f"fit {p.name}").remote(str(p), str(outs[p.name]), params, overwrite,
-                                                              skip_unreadable): p.name
-                    for p in products}
+            memory = {}
+            for p in products:
+                goods = good_images(p)[0]
+                t, h, w, d = patch_shape(params, goods)
+                memory[p.name] = fit_memory(len(goods), t * h * w, d)
+            refs = {task.options(memory=memory[p.name], name=f"fit {p.name}").remote(
+                str(p), str(outs[p.name]), params, overwrite, skip_unreadable): p.name for p in products}
             pending = list(refs)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
@@ -290,13 +294,14 @@ class _ShardWorker:
     calibration fold) against that fold's bank. A fixed pool of these (one per CPU) takes the shards in turn,
     so no shard waits for a CPU an idle actor holds."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: dict[str, Any], input_size: tuple[int, int], channels: str) -> None:
         import torch
 
         from .model import PatchCore
 
         torch.set_num_threads(1)
-        self.model = PatchCore(**{**params, "n_jobs": 1})
+        # The driver chose the network input and the channels from all the good images, as a local fit does.
+        self.model = PatchCore(**{**params, "n_jobs": 1}).set_geometry(input_size, channels)
         self.shards: dict[int, tuple[Any, list]] = {}
         self.cells: Any = None  # the CellGroup of the cell selection under way
 
@@ -421,12 +426,13 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
     model = PatchCore(**params)
     model.check_params()
     plan = model.fit_plan()
-    t, h, w, d = patch_shape(params)
+    t, h, w, d = patch_shape(params, paths)
     shards = plan.plan_shards(len(paths), t * h * w)
     if len(shards) == 1:
         return model.fit(paths, progress=progress)
     folds = plan.folds(len(paths))
     t0 = time.perf_counter()
+    model.set_geometry(model.input_size_for(paths), model.channels_for(paths))
     per_shard = fit_memory(max(len(i) for i, _ in shards), t * h * w, d) - PROCESS_BYTES
     with cluster(address) as ray:
         n_workers = max(1, min(len(shards), workers or int(ray.cluster_resources().get("CPU", 1))))
@@ -435,8 +441,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         # share of the projected points (float32) during a selection.
         cells = (4 * len(paths) * t * h * w * model.sampler.projection_dim // n_workers
                  if model.sampler.shard_by == "features" else 0)
-        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + cells + PROCESS_BYTES).remote(params)
-                for _ in range(n_workers)]
+        pool = [worker.options(memory=per_shard * -(-len(shards) // n_workers) + cells + PROCESS_BYTES).remote(
+            params, model.preprocessing.resize, model.preprocessing.channels) for _ in range(n_workers)]
         actors = [pool[i % n_workers] for i in range(len(shards))]  # shard i lives on actor i mod n
         jobs = [(a, i, [paths[k] for k in imgs]) for i, (a, (imgs, _)) in enumerate(zip(actors, shards))]
         if model.sampler.shard_by == "images":

@@ -460,5 +460,6 @@ def evaluate(path: str | os.PathLike, params: dict[str, Any] | None = None,
         versions=_versions(), machine={**_machine(), "loadavg_start": load_start},
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), dataset=str(path),
         pixel_region=WHOLE_IMAGE if pre.crop is None else CENTRE_CROP,
-        preprocessing={"resize": list(pre.resize), "crop": list(pre.crop) if pre.crop else None},
+        preprocessing={"resize": list(pre.resize), "crop": list(pre.crop) if pre.crop else None,
+                       "keep_aspect": pre.keep_aspect},
         total_seconds=time.perf_counter() - t0)

@@ -291,6 +291,8 @@ def fit_folder(data: str | os.PathLike, output: str | os.PathLike, params: dict[
         "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
         "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": cal.source,
         "n_defect": cal.n_defect, "bank_size": info["bank_size"], "threshold": cal.threshold,
+        "input_size": list(model.preprocessing.input_size), "keep_aspect": model.preprocessing.keep_aspect,
+        "channels": model.preprocessing.channels,
         "threshold_from": cal.threshold_from, "pixel_threshold": cal.pixel_threshold,
         "far_threshold": cal.far_threshold, "f1_threshold": cal.f1_threshold, "f1": cal.f1,
         "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,

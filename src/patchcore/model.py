@@ -21,13 +21,13 @@ import torch
 from . import settings
 from .backbones import NORMALIZATIONS, get_backbone
 from .bank import MemoryBank
-from .core.geometry import Preprocessing
+from .core.geometry import Preprocessing, input_size_for, is_gray
 from .core.imagefiles import ImagesLike, Item, as_items, iter_loaded
 from .core.prediction import Prediction
 from .core.scoring import score_patches
 from .coreset import CoresetSampler
 from .devices import apply_torch_threads
-from .errors import ModelFileError, NotFittedError, PatchCoreError
+from .errors import ImageError, ModelFileError, NotFittedError, PatchCoreError
 from .features import FeatureExtractor
 from .fitting import FitPlan, Progress
 from .thresholds import Calibration, calibrate, calibrate_scores
@@ -47,7 +47,14 @@ class PatchCore:
         ``"accurate"`` also fits the good images turned 90 and 180 degrees (``rotations``), for about twice
         the time per image (docs/benchmarks.md, section 13);
         ``"paper"`` resizes to 256 and centre-crops 224 without border padding, as the paper's table was made.
-    image_size: side the image is resized to (overrides the preset's).
+    image_size: the network input's shorter side; the longer one follows the good images' aspect ratio
+        (overrides the preset's 288; a square image gives a square input of that side, as before aspect was
+        kept). Or (height, width), multiples of 16: the network input exactly. Each image is scaled to fit
+        inside the input without changing its shape, the margin mirrored (see ``keep_aspect``).
+    scale: instead of ``image_size``, network pixels per image pixel (1.0: native resolution; 0.5: half),
+        applied to the median good image; for small defects on large images.
+    keep_aspect: keep each image's aspect ratio (default: the preset's; True but for "paper", which squashes
+        every image to a square as the paper's table was made).
     rotations: quarter turns (degrees: 90, 180, 270) of every good image whose patch features join the memory
         bank too, so the bank covers parts seen at other angles than the good images show; costs fit time and
         time per image in proportion to the bank (default: the preset's; ``"accurate"`` turns 90 and 180).
@@ -84,8 +91,10 @@ class PatchCore:
         width, and when and how a large selection is split: the research settings of docs/scaling.md).
     """
 
-    def __init__(self, *, backbone: str | None = None, preset: str = "full", image_size: int | None = None,
-                 rotations: tuple[int, ...] | None = None, border_pad: int | None = None,
+    def __init__(self, *, backbone: str | None = None, preset: str = "full",
+                 image_size: int | tuple[int, int] | None = None, scale: float | None = None,
+                 keep_aspect: bool | None = None, rotations: tuple[int, ...] | None = None,
+                 border_pad: int | None = None,
                  coreset_ratio: float = 0.1, num_neighbors: int = 9, sigma: float = 4.0, target_far: float = 0.01,
                  calibration_folds: int = 5, seed: int = 0, device: str = "auto", batch_size: int = 8,
                  backbone_weights: str | os.PathLike | None = None, layers: tuple[str, ...] | None = None,
@@ -95,6 +104,8 @@ class PatchCore:
         self.backbone = backbone
         self.preset = preset
         self.image_size = image_size
+        self.scale = scale
+        self.keep_aspect = keep_aspect
         self.rotations = rotations
         self.border_pad = border_pad
         self.coreset_ratio = coreset_ratio
@@ -119,6 +130,8 @@ class PatchCore:
         self._bank: np.ndarray | None = None
         self._fingerprint: str | None = None
         self._info: dict[str, Any] = {}
+        self._input_size: tuple[int, int] | None = None  # chosen from the good images (aspect kept)
+        self._channels: str | None = None
         self._search: MemoryBank | None = None
         self._extractor: FeatureExtractor | None = None
 
@@ -152,8 +165,8 @@ class PatchCore:
         settings.check(self)
 
     def resolved(self, name: str) -> Any:
-        """A setting a preset can choose (backbone, border_pad, rotations): the constructor's value, or the
-        preset's where that is None."""
+        """A setting a preset can choose (backbone, border_pad, rotations, keep_aspect): the constructor's
+        value, or the preset's where that is None."""
         value = getattr(self, name)
         if value is not None:
             return value
@@ -166,9 +179,56 @@ class PatchCore:
 
     @property
     def preprocessing(self) -> Preprocessing:
+        """How images become the network input. An aspect-keeping model's input size is chosen from its good
+        images (:meth:`input_size_for`), so it is known once the model is fitted or that size is set."""
         base = settings.preset(self.preset)
-        resize = (int(self.image_size),) * 2 if self.image_size else base.resize
-        return Preprocessing(resize=tuple(resize), crop=base.crop)
+        keep = bool(self.resolved("keep_aspect"))
+        if isinstance(self.image_size, (tuple, list)):
+            resize = tuple(int(x) for x in self.image_size)
+        elif keep:
+            if self._input_size is None:
+                raise NotFittedError("an aspect-keeping model takes its input size from its good images: fit it "
+                                     "first, or give image_size as (height, width)")
+            resize = self._input_size
+        else:
+            resize = (int(self.image_size),) * 2 if self.image_size else base.resize
+        return Preprocessing(resize=resize, crop=base.crop, keep_aspect=keep, channels=self._channels)
+
+    def input_size_for(self, images: ImagesLike, skip_unreadable: bool = False) -> tuple[int, int]:
+        """The network input (height, width) this model would fit ``images`` at: the median image's shape at
+        ``image_size`` (its shorter side) or ``scale``, each side rounded to the stride. Files are sized
+        from their headers, without decoding them."""
+        if isinstance(self.image_size, (tuple, list)):
+            return tuple(int(x) for x in self.image_size)
+        base = settings.preset(self.preset)
+        if not self.resolved("keep_aspect"):
+            return (int(self.image_size),) * 2 if self.image_size else base.resize
+        sizes = []
+        for item in as_items(images):
+            try:
+                sizes.append(item.size())
+            except ImageError:
+                if not skip_unreadable:
+                    raise
+        if not sizes:
+            raise PatchCoreError("no readable good images to fit on")
+        return input_size_for(sizes, self.image_size or base.resize[0], self.scale)
+
+    def channels_for(self, images: ImagesLike, skip_unreadable: bool = False) -> str:
+        """What a model fitted on ``images`` takes, "gray" or "color": its first readable good image's kind.
+        A fit then converts colour images to gray for a grayscale model and refuses a grayscale image among
+        colour ones, as prediction will."""
+        for _, rgb in iter_loaded(as_items(images)[:1] if not skip_unreadable else as_items(images),
+                                  skip_unreadable):
+            return "gray" if is_gray(rgb) else "color"
+        raise PatchCoreError("no readable good images to fit on")
+
+    def set_geometry(self, input_size: tuple[int, int] | None, channels: str | None) -> PatchCore:
+        """Set what a fit chooses from its good images, the network input size and the channels ("gray" or
+        "color"); :meth:`fit` calls it, and so do Ray's workers with what the driver chose."""
+        self._input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        self._channels = channels
+        return self
 
     @property
     def members(self) -> list[str]:
@@ -245,11 +305,19 @@ class PatchCore:
             with torch.inference_mode():
                 return net(x.to(device)).cpu()
 
+        def turned(x0: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor:
+            # A quarter turn of a non-square input has the transposed grid; its patches are kept in the same
+            # h * w rows (the bank does not care where a patch came from; only the unturned grid is scored).
+            return features(torch.rot90(x0, k, dims=(2, 3))).reshape(grid) if k else features(x0)
+
         def run(batch: list[tuple[Item, np.ndarray]]):
             imgs = [a for _, a in batch]
-            x0 = torch.from_numpy(pre(imgs))
-            feats = features(x0) if turns is None else torch.stack(
-                [features(torch.rot90(x0, k, dims=(2, 3)) if k else x0) for k in turns], dim=1)
+            x0 = torch.from_numpy(pre(imgs, [it.name for it, _ in batch]))
+            if turns is None:
+                feats = features(x0)
+            else:
+                first = features(x0)
+                feats = torch.stack([first] + [turned(x0, k, tuple(first.shape)) for k in turns[1:]], dim=1)
             return [it for it, _ in batch], imgs, feats
 
         batch: list[tuple[Item, np.ndarray]] = []
@@ -293,7 +361,9 @@ class PatchCore:
         self.skipped_ = []
         plan = self.fit_plan()
         t0 = time.perf_counter()
-        feats, sizes = self.extract(images, skip_unreadable, progress, turned=True)
+        items = as_items(images)
+        self.set_geometry(self.input_size_for(items, skip_unreadable), self.channels_for(items, skip_unreadable))
+        feats, sizes = self.extract(items, skip_unreadable, progress, turned=True)
         t1 = time.perf_counter()
         n_img, n_turns, h, w, d = feats.shape
         folds = plan.folds(n_img)
@@ -313,7 +383,9 @@ class PatchCore:
         :meth:`fit` and :func:`patchcore.distributed.fit_on_ray` (which computes both on workers) end here."""
         self._bank, self._search = bank, None
         self._fingerprint = self.network().fingerprint
-        self._info = {**info, "bank_size": int(bank.shape[0]), "fit_seconds": selected - started}
+        pre = self.preprocessing
+        self._info = {**info, "bank_size": int(bank.shape[0]), "fit_seconds": selected - started,
+                      "input_size": list(pre.input_size), "channels": pre.channels}
         self.threshold_, self.calibration_ = None, {}
         if cross is not None:
             scores, maxima = cross

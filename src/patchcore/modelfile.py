@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, settings
 from .backbones import NORMALIZATIONS
 from .core.files import atomic_write
 from .coreset import CoresetSampler
@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 FORMAT = "patchcore"
 FORMAT_VERSION = 2  # 2: normalization and border_pad are settings (format 1 had neither)
+# Since format 2 files also record keep_aspect and channels; files without them squashed images to a square
+# and took any channels, and still do.
 SAMPLER_FIELDS = tuple(f.name for f in fields(CoresetSampler))
 
 
@@ -51,7 +53,13 @@ def file_params(model: PatchCore) -> dict[str, Any]:
     params["rotations"] = [int(r) for r in model.resolved("rotations")]
     # The sizes too, so a file keeps its preprocessing when a preset's sizes change (as "full" did: 256 -> 288).
     pre = model.preprocessing
-    params["image_size"] = pre.resize[0] if pre.resize[0] == pre.resize[1] else params["image_size"]
+    params["keep_aspect"] = pre.keep_aspect
+    if not pre.keep_aspect:
+        params["image_size"] = pre.resize[0] if pre.resize[0] == pre.resize[1] else params["image_size"]
+    elif params["image_size"] is None and params["scale"] is None:
+        params["image_size"] = settings.preset(model.preset).resize[0]
+    if isinstance(params["image_size"], tuple):
+        params["image_size"] = list(params["image_size"])
     params["crop_size"] = pre.crop[0] if pre.crop is not None and pre.crop[0] == pre.crop[1] else None
     return params
 
@@ -69,7 +77,8 @@ def save(model: PatchCore, path: str | os.PathLike, overwrite: bool = False) -> 
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "patchcore_version": __version__,
         "params": json.dumps(file_params(model)), "backbone_fingerprint": model.fingerprint_,
         "preprocessing": json.dumps({"resize": list(pre.resize), "crop": list(pre.crop) if pre.crop else None,
-                                     "mean": mean, "std": std, "border_pad": int(model.resolved("border_pad"))}),
+                                     "mean": mean, "std": std, "border_pad": int(model.resolved("border_pad")),
+                                     "keep_aspect": pre.keep_aspect, "channels": pre.channels}),
         "fit_info": json.dumps(model.fit_info_),
         "threshold": json.dumps(model.threshold_), "calibration": json.dumps(model.calibration_),
     }
@@ -108,6 +117,10 @@ def migrate(params: dict[str, Any], version: int, prep: dict[str, Any]) -> dict[
             (k for k, (m, s) in NORMALIZATIONS.items() if _same(m, prep.get("mean")) and _same(s, prep.get("std"))),
             "unknown"))
     params["layers"] = None if params.get("layers") is None else tuple(params["layers"])
+    # Files from before the aspect ratio was kept squashed every image to a square, and took any channels.
+    params.setdefault("keep_aspect", False)
+    if isinstance(params.get("image_size"), list):
+        params["image_size"] = tuple(params["image_size"])
     # Files from before rotations existed were fitted unturned (whatever their preset chooses today).
     params["rotations"] = tuple(params.get("rotations") or ())
     # Files written before the sizes were recorded (preset "full" was 256 px then) take theirs from the
@@ -157,13 +170,21 @@ def load(cls: type[PatchCore], path: str | os.PathLike, device: str = "auto",
         model.check_params()
     except PatchCoreError as e:
         raise ModelFileError(f"{path}: {e}; refit the model with this patchcore ({__version__})") from None
+    # What the fit chose from its good images (the input's shape, the channels) is the file's to say.
+    size = prep.get("resize")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(x, int) and x > 0 for x in size)):
+        raise ModelFileError(f"{path}: model metadata is damaged (preprocessing size {size!r})")
+    if prep.get("channels") not in (None, "gray", "color"):
+        raise ModelFileError(f"{path}: model metadata is damaged (channels {prep.get('channels')!r})")
+    model.set_geometry(size if model.resolved("keep_aspect") else None, prep.get("channels"))
     # The file records the preprocessing it was fitted with; if this version would feed the network
     # differently, its scores would silently change, so refuse instead.
     pre = model.preprocessing
     mean, std = model.input_stats()
     if (list(pre.resize) != prep.get("resize") or (list(pre.crop) if pre.crop else None) != prep.get("crop")
             or not _same(mean, prep.get("mean")) or not _same(std, prep.get("std"))
-            or int(model.resolved("border_pad")) != int(prep.get("border_pad", 0))):
+            or int(model.resolved("border_pad")) != int(prep.get("border_pad", 0))
+            or pre.keep_aspect != bool(prep.get("keep_aspect", False))):
         raise ModelFileError(f"{path}: this patchcore ({__version__}) would preprocess images differently "
                              f"from the patchcore that fitted the model ({meta.get('patchcore_version', '?')}), "
                              f"so its scores would change; refit the model")

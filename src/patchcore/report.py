@@ -337,7 +337,8 @@ SETTING_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "sco
                   "calibration_max_images": "most images cross-fitted", "n_jobs": "parallel jobs",
                   "shard_features": "most features selected in one piece", "shard_by": "large selections split by",
                   "cell_exchange": "coreset cells exchange centres", "exact_bank": "exact bank selection",
-                  "storage_dtype": "feature storage while fitting"}
+                  "storage_dtype": "feature storage while fitting", "image_size": "network input, shorter side (px)",
+                  "scale": "network pixels per image pixel", "keep_aspect": "aspect ratio kept"}
 
 
 def words(value: Any) -> str:

@@ -125,13 +125,15 @@ class Runtime:
         self.folder = folder
         self.meta: dict[str, Any] = meta
         prep = meta["preprocessing"]
-        self.preprocessing = Preprocessing(tuple(prep["resize"]), tuple(prep["crop"]) if prep.get("crop") else None)
+        # Exports from before the aspect ratio was kept squashed images to a square and took any channels.
+        self.preprocessing = Preprocessing(tuple(prep["resize"]), tuple(prep["crop"]) if prep.get("crop") else None,
+                                           bool(prep.get("keep_aspect", False)), prep.get("channels"))
         self.threshold: float | None = meta.get("threshold")
         self.pixel_threshold: float | None = meta.get("pixel_threshold")
 
     def score_array(self, rgb: np.ndarray, name: str = "image") -> Prediction:
         """Score one H x W x 3 uint8 image."""
-        x = self.preprocessing.input(rgb)[None]
+        x = self.preprocessing.input(rgb, name)[None]
         size = rgb.shape[:2]
         if self._graph_scores:
             s, m = self.session.run(None, {"image": x})

@@ -186,6 +186,13 @@ class Item:
             return to_rgb(self.source, name=self.name)
         return read_image(self.source)
 
+    def size(self) -> tuple[int, int]:
+        """(height, width), from a file's header without decoding it."""
+        if isinstance(self.source, np.ndarray):
+            return int(self.source.shape[0]), int(self.source.shape[1])
+        w, h = check_image_file(self.source)
+        return h, w
+
 
 def as_items(images: ImagesLike) -> list[Item]:
     """Normalise what users pass (a folder, a path, a list of paths or arrays, an N x H x W [x C] array)."""
@@ -206,7 +213,9 @@ def as_items(images: ImagesLike) -> list[Item]:
         return [Item("array", images)]
     items = []
     for i, x in enumerate(images):
-        if isinstance(x, np.ndarray):
+        if isinstance(x, Item):
+            items.append(x)
+        elif isinstance(x, np.ndarray):
             items.append(Item(f"array[{i}]", x))
         elif isinstance(x, (str, os.PathLike)):
             items.append(Item(str(x), Path(x)))

@@ -99,8 +99,12 @@ def score_patches(dist: np.ndarray, nn: np.ndarray, patches: np.ndarray, bank: n
                   image_size: tuple[int, int]) -> tuple[float, np.ndarray]:
     """One image's (score, anomaly map at ``image_size``) from its patches' nearest-neighbour distances
     ``dist`` and bank indices ``nn`` (h * w each, row-major over ``grid``) and the patch features ``patches``
-    (h * w, D): Eq. 7 on the patch with the largest distance, and the smoothed map put back onto the image."""
-    j = int(np.argmax(dist))
+    (h * w, D): Eq. 7 on the patch with the largest distance among those on the image (not on a mirrored
+    margin, see :meth:`Preprocessing.cells`), and the smoothed map put back onto the image."""
+    rows, cols = preprocessing.cells(grid, image_size)
+    on_image = np.asarray(dist).reshape(grid)[rows, cols]
+    r, c = np.unravel_index(int(np.argmax(on_image)), on_image.shape)
+    j = (rows.start + int(r)) * grid[1] + cols.start + int(c)
     score = image_score(bank, patches[j], float(dist[j]), int(nn[j]), support, num_neighbors)
     amap = score_map(np.asarray(dist, dtype=np.float32).reshape(grid), preprocessing.input_size, sigma)
     return score, preprocessing.to_image(amap, image_size)

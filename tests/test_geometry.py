@@ -1,0 +1,158 @@
+"""Real camera images: the aspect ratio is kept, the margin never scores, and the channels are the model's.
+
+KolektorSDD (about 500 x 1250 grayscale) is the elongated product; bottle (900 x 900 colour) the square one.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from patchcore import PatchCore
+from patchcore.core.geometry import Preprocessing, input_size_for, resize, to_gray
+from patchcore.errors import ImageError, ModelFileError, PatchCoreError
+
+DATA = Path(os.environ.get("PATCHCORE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+KSDD = DATA / "ksdd" / "kolektor"
+
+
+@pytest.fixture(scope="module")
+def ksdd() -> Path:
+    if not (KSDD / "train" / "good").is_dir():
+        pytest.skip(f"KolektorSDD not found under {DATA}")
+    return KSDD
+
+
+@pytest.fixture(scope="module")
+def ksdd_model(ksdd):
+    """A small default model on 12 KolektorSDD good images."""
+    good = sorted((ksdd / "train" / "good").iterdir())[::20][:12]
+    return PatchCore(coreset_ratio=0.05, calibration_folds=3, target_far=0.2, device="cpu").fit(good)
+
+
+def test_input_size_keeps_the_median_aspect_and_square_stays_square():
+    assert input_size_for([(900, 900), (900, 900)], 288) == (288, 288)  # today's default on square images
+    assert input_size_for([(1024, 1024)], 288) == (288, 288)
+    # KolektorSDD: 500 wide, 1240-1285 high -> shorter side 288, the other 288 * 1260 / 500 to the stride.
+    assert input_size_for([(1240, 500), (1260, 500), (1285, 500)], 288) == (720, 288)
+    assert input_size_for([(1260, 500)], None, scale=1.0) == (1264, 496)  # native, to the stride of 16
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(32, 300), w=st.integers(32, 300), ch=st.integers(2, 12), cw=st.integers(2, 12))
+def test_placement_scales_both_axes_alike_and_fits(h, w, ch, cw):
+    pre = Preprocessing((16 * ch, 16 * cw), keep_aspect=True)
+    top, left, ph, pw = pre.placement((h, w))
+    assert 0 <= top and 0 <= left and top + ph <= 16 * ch and left + pw <= 16 * cw
+    assert ph == 16 * ch or pw == 16 * cw  # it fills one side
+    # one factor for both axes, up to rounding to whole pixels
+    assert abs(ph / h - pw / w) <= 1.0 / min(h, w) + 1.0 / min(ph, pw)
+
+
+def test_an_elongated_image_is_not_squashed():
+    """A 200 x 500 image on a 288 x 576 input is resized by one factor (to 230 x 576) and mirrored above and
+    below; the squashing preprocessing stretches it to 288 x 576 instead."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((200, 500, 3)) * 255).astype(np.uint8)
+    keep = Preprocessing((288, 576), keep_aspect=True)
+    x = keep.input(img)
+    top, left, h, w = keep.placement((200, 500))
+    assert (top, left, h, w) == (29, 0, 230, 576) and x.shape == (3, 288, 576)
+    expected = np.clip(resize(img.astype(np.float32) / 255, (230, 576), antialias=True), 0, 1).transpose(2, 0, 1)
+    np.testing.assert_allclose(x[:, top:top + h], expected, atol=1e-6)
+    np.testing.assert_allclose(x[:, top - 1], x[:, top + 1], atol=1e-6)  # the margin mirrors the image
+    # a map at the input size goes back onto the image without the margin
+    amap = np.zeros((288, 576), np.float32)
+    amap[top:top + h] = 1.0
+    back = keep.to_image(amap, (200, 500))
+    assert back.shape == (200, 500) and back.min() == 1.0
+    # patches whose centres fall in the margin are not on the image
+    rows, cols = keep.cells((36, 72), (200, 500))
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (4, 32, 0, 72)
+
+
+def test_gray_conversion_is_pillows_luminance():
+    rgb = (np.random.default_rng(1).random((40, 50, 3)) * 255).astype(np.uint8)
+    ours = to_gray(rgb)
+    pil = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert ours.shape == rgb.shape and np.abs(ours[..., 0].astype(int) - pil).max() <= 1
+    assert (ours[..., 0] == ours[..., 2]).all()
+
+
+def test_ksdd_keeps_its_shape_and_its_channels(ksdd, ksdd_model, tmp_path):
+    pre = ksdd_model.preprocessing
+    assert pre.resize[1] == 288 and pre.resize[0] in (720, 736) and pre.keep_aspect and pre.channels == "gray"
+    crack = sorted((ksdd / "test" / "crack").iterdir())[0]
+    (p,) = ksdd_model.predict([crack])
+    h, w = np.asarray(Image.open(crack)).shape[:2]
+    assert p.anomaly_map.shape == (h, w)
+    # The model file records the shape and the channels, and scores the same after loading.
+    path = ksdd_model.save(tmp_path / "k.safetensors")
+    loaded = PatchCore.load(path)
+    assert loaded.preprocessing == pre
+    assert loaded.predict([crack])[0].score == pytest.approx(p.score, rel=1e-6)
+    # A colour image on a grayscale model is scored as its luminance, the same way every time.
+    gray = np.asarray(Image.open(crack).convert("L"))
+    tinted = np.stack([gray, np.clip(gray.astype(int) + 9, 0, 255), gray], axis=2).astype(np.uint8)
+    (a,) = ksdd_model.predict([tinted])
+    (b,) = ksdd_model.predict([to_gray(tinted)])
+    assert a.score == b.score
+
+
+def test_a_gray_image_on_a_colour_model_is_refused_in_one_line(small_model, bottle):
+    model = PatchCore.load(small_model)
+    assert model.preprocessing.channels == "color"
+    gray = np.asarray(Image.open(sorted((bottle / "test" / "good").iterdir())[0]).convert("L"))
+    with pytest.raises(ImageError, match="grayscale image, but this model takes colour") as e:
+        model.predict([gray])
+    assert "\n" not in str(e.value)
+
+
+def test_rotations_work_on_an_elongated_input(ksdd):
+    good = sorted((ksdd / "train" / "good").iterdir())[::40][:4]
+    model = PatchCore(rotations=(90, 180), coreset_ratio=0.05, calibration_folds=0, device="cpu").fit(good)
+    info = model.fit_info_
+    h, w = model.preprocessing.input_size
+    assert h > w and info["turns"] == 3 and info["n_features"] == 4 * 3 * (h // 8) * (w // 8)
+    assert np.isfinite(model.predict(good[:1])[0].score)
+
+
+def test_an_image_size_pair_sets_the_input_exactly_and_bad_sizes_are_refused(ksdd):
+    good = sorted((ksdd / "train" / "good").iterdir())[:3]
+    model = PatchCore(image_size=(512, 224), coreset_ratio=0.1, calibration_folds=0, device="cpu").fit(good)
+    assert model.preprocessing.resize == (512, 224)
+    for bad in ({"image_size": (500, 224)}, {"image_size": 16}, {"scale": 0.0}, {"scale": 1.0, "image_size": 288},
+                {"preset": "paper", "keep_aspect": True}, {"scale": 1.0, "keep_aspect": False}):
+        with pytest.raises(PatchCoreError):
+            PatchCore(**bad).fit(good)
+
+
+def test_a_squashing_model_file_from_before_loads_square(small_model, tmp_path):
+    """Files written before the aspect was kept record neither keep_aspect nor channels: they squash to a
+    square and take any image, as they did."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(small_model), framework="numpy") as f:
+        meta = dict(f.metadata())
+    params, prep = json.loads(meta["params"]), json.loads(meta["preprocessing"])
+    params.pop("keep_aspect"), params.pop("scale")
+    prep.pop("keep_aspect"), prep.pop("channels")
+    meta.update(params=json.dumps(params), preprocessing=json.dumps(prep))
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(small_model)), str(old), metadata=meta)
+    model = PatchCore.load(old)
+    assert model.preprocessing == Preprocessing((288, 288), None, keep_aspect=False, channels=None)
+    gray = np.full((300, 200), 128, np.uint8)
+    assert np.isfinite(model.predict([gray])[0].score)  # any channels, squashed as before
+    prep["channels"] = "sepia"
+    meta.update(preprocessing=json.dumps(prep))
+    save_file(load_file(str(small_model)), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ModelFileError, match="channels"):
+        PatchCore.load(tmp_path / "bad.safetensors")
