@@ -14,6 +14,7 @@ from PIL import Image
 
 from patchcore import PatchCore
 from patchcore.core.geometry import Preprocessing, input_size_for, resize, to_gray
+from patchcore.core.tiling import TILE_MARGIN, plan_tiles
 from patchcore.errors import ImageError, ModelFileError, PatchCoreError
 
 DATA = Path(os.environ.get("PATCHCORE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -132,8 +133,8 @@ def test_an_image_size_pair_sets_the_input_exactly_and_bad_sizes_are_refused(ksd
 
 
 def test_a_squashing_model_file_from_before_loads_square(small_model, tmp_path):
-    """Files written before the aspect was kept record neither keep_aspect nor channels: they squash to a
-    square and take any image, as they did."""
+    """Files written before the aspect was kept record neither keep_aspect, channels nor tiles: they squash to
+    a square, take any image and go through the network in one pass, as they did."""
     import json
 
     from safetensors import safe_open
@@ -142,8 +143,10 @@ def test_a_squashing_model_file_from_before_loads_square(small_model, tmp_path):
     with safe_open(str(small_model), framework="numpy") as f:
         meta = dict(f.metadata())
     params, prep = json.loads(meta["params"]), json.loads(meta["preprocessing"])
-    params.pop("keep_aspect"), params.pop("scale")
-    prep.pop("keep_aspect"), prep.pop("channels")
+    for key in ("keep_aspect", "scale", "tile_size"):
+        params.pop(key)
+    for key in ("keep_aspect", "channels", "tile"):
+        prep.pop(key)
     meta.update(params=json.dumps(params), preprocessing=json.dumps(prep))
     old = tmp_path / "old.safetensors"
     save_file(load_file(str(small_model)), str(old), metadata=meta)
@@ -156,3 +159,80 @@ def test_a_squashing_model_file_from_before_loads_square(small_model, tmp_path):
     save_file(load_file(str(small_model)), str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ModelFileError, match="channels"):
         PatchCore.load(tmp_path / "bad.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------ tiles
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(2, 160), w=st.integers(2, 160), tile=st.sampled_from([320, 384, 512, 1024]))
+def test_tile_interiors_cover_the_grid_once_with_context_at_every_cut(h, w, tile):
+    H, W, cell = 16 * h, 16 * w, 8
+    tiles = plan_tiles((H, W), tile, cell)
+    count = np.zeros((H // cell, W // cell), int)
+    for t in tiles:
+        top, left, th, tw = t.box
+        assert 0 <= top and top + th <= H and 0 <= left and left + tw <= W
+        assert len(tiles) == 1 or (th <= tile and tw <= tile)
+        count[t.keep] += 1
+        assert (t.keep[0].stop - t.keep[0].start, t.keep[1].stop - t.keep[1].start) == (
+            t.local[0].stop - t.local[0].start, t.local[1].stop - t.local[1].start)
+        # every kept cell is TILE_MARGIN px from a cut of its tile (or at the input's own border)
+        for lo, hi, start, size, n in ((t.local[0].start, t.local[0].stop, top, th, H),
+                                       (t.local[1].start, t.local[1].stop, left, tw, W)):
+            assert start == 0 or lo * cell >= TILE_MARGIN
+            assert start + size == n or size - hi * cell >= TILE_MARGIN
+    assert (count == 1).all()
+    if H * W <= tile * tile:
+        assert len(tiles) == 1 and tiles[0].box == (0, 0, H, W)
+
+
+@pytest.fixture(scope="module")
+def native_ksdd(ksdd):
+    """KolektorSDD at its native size (scale 1: a 1248 x 496 input), fitted in one pass."""
+    good = sorted((ksdd / "train" / "good").iterdir())[::25][:8]
+    return PatchCore(scale=1.0, tile_size=None, coreset_ratio=0.05, calibration_folds=0, device="cpu").fit(good)
+
+
+def _tiled_like(model: PatchCore, tile: int) -> PatchCore:
+    """The same fitted bank, scored in tiles of ``tile``."""
+    tiled = PatchCore(scale=1.0, tile_size=tile, coreset_ratio=0.05, calibration_folds=0, device="cpu")
+    pre = model.preprocessing
+    tiled.set_geometry(pre.resize, pre.channels)
+    return tiled.set_state(model.memory_bank_, model.fingerprint_, model.fit_info_, None, {})
+
+
+def test_a_defect_on_a_tile_cut_scores_as_in_one_pass(ksdd, native_ksdd):
+    """A dark scratch drawn across the cut between two tiles, and the same scratch in a tile's centre: the tiled
+    model scores both as the untiled one does (no seam), and both well above the part without it."""
+    tiled = _tiled_like(native_ksdd, 512)
+    pre = tiled.preprocessing
+    tiles = pre.tiles(8)
+    assert len(tiles) > 2
+    cut = tiles[0].keep[0].stop * 8  # input row where the first tile's interior ends and the second's begins
+    good = np.asarray(Image.open(sorted((ksdd / "test" / "good").iterdir())[3]))
+    top, _, h, _ = pre.placement(good.shape[:2])
+    row_cut = int(round((cut - top) * good.shape[0] / h))  # the cut, in image rows
+    centre = int(round(((tiles[0].box[2] // 2) - top) * good.shape[0] / h))
+    images = [good]
+    for row in (row_cut, centre):
+        img = good.copy()
+        img[row - 6:row + 6, 200:260] = 20  # 12 x 60 px, straddling the cut for the first
+        images.append(img)
+    one, tile = native_ksdd.predict(images), tiled.predict(images)
+    for a, b in zip(one, tile):
+        assert b.score == pytest.approx(a.score, rel=1e-3)
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-2 * np.ptp(a.anomaly_map)
+    assert min(tile[1].score, tile[2].score) > 1.5 * tile[0].score
+
+
+def test_a_tiled_model_exports_and_the_runtime_tiles_alike(ksdd, native_ksdd, tmp_path):
+    from patchcore import runtime
+
+    tiled = _tiled_like(native_ksdd, 512)
+    crack = sorted((ksdd / "test" / "crack").iterdir())[:2]
+    meta = tiled.export(tmp_path / "exp", images=crack)
+    assert meta["preprocessing"]["tile"] == 512 and meta["tile_input"] == [512, 496]
+    for path in ("fast", "graph"):
+        assert meta["parity"][path]["score_max_rel_diff"] <= 1e-4
+        rt = runtime.load(tmp_path / "exp", path=path)
+        got, ref = rt.predict(crack), tiled.predict(crack)
+        assert [g.anomaly_map.shape for g in got] == [r.anomaly_map.shape for r in ref]

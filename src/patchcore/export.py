@@ -6,7 +6,7 @@ estimator's own code (:mod:`patchcore.core.scoring`, :mod:`patchcore.core.geomet
 ``features.onnx`` (the patch features of a batch; the runtime's fast path searches the bank exactly in numpy,
 visiting only the k-means cells that can hold each answer) and ``model.onnx`` (the features and a
 brute-force nearest-neighbour search of the bank in onnxruntime, faster for a small bank). The input of both
-is a float (N, 3, h, w) batch at the input size, in [0, 1].
+is a float (N, 3, h, w) batch at the input size (of one tile, for a model that tiles large inputs), in [0, 1].
 
 An export is a folder with the graphs, ``search.npz`` (the bank, its cells and Eq. 7's neighbourhoods) and
 ``patchcore.json`` (the threshold, preprocessing, calibration, the source model's fingerprint and the parity
@@ -132,20 +132,22 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
     net = model.network()
     pre = model.preprocessing
     h, w = pre.input_size
-    example = torch.rand(1, 3, h, w, device=net.mean.device)
+    # The graphs take one tile (the whole input when it fits in one); the runtime tiles as the model does.
+    _, _, th, tw = pre.tiles(net.cell())[0].box
+    example = torch.rand(1, 3, th, tw, device=net.mean.device)
     with torch.inference_mode():
         grid = list(net(example).shape[1:3])
     memory = model.memory()
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "patchcore_version": __version__,
-        "onnx_file": ONNX_FILE, "opset": OPSET, "grid": grid,
+        "onnx_file": ONNX_FILE, "opset": OPSET, "grid": grid, "cell": net.cell(), "tile_input": [th, tw],
         "fast_path": {"features_file": FEATURES_FILE, "search_file": SEARCH_FILE, "grid": grid,
                       "cells": memory.cells().n_cells},
         "source_model": {"path": Path(source).name if source else None,
                          "sha256": file_sha256(source) if source else None,
                          "backbone": model.resolved("backbone"), "backbone_fingerprint": model.fingerprint_},
         "preprocessing": {"resize": list(pre.resize), "crop": list(pre.crop) if pre.crop else None,
-                          "keep_aspect": pre.keep_aspect, "channels": pre.channels},
+                          "keep_aspect": pre.keep_aspect, "channels": pre.channels, "tile": pre.tile},
         "input_size": [h, w], "num_neighbors": int(model.num_neighbors), "sigma": float(model.sigma),
         "bank_size": int(bank.shape[0]), "feature_dim": int(bank.shape[1]),
         "threshold": model.threshold_,

@@ -107,6 +107,15 @@ class FeatureExtractor(nn.Module):
         self.target_dim = int(target_dim)
         self.fingerprint = "+".join(prints)
 
+    def cell(self) -> int:
+        """Input pixels between neighbouring patches (the shallowest tapped layer's stride), measured once."""
+        if not hasattr(self, "_cell"):
+            side = 64
+            with torch.inference_mode():
+                grid = self(torch.zeros(1, 3, side, side, device=self.mean.device)).shape[1]
+            self._cell = side // int(grid)
+        return self._cell
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = []
         for i, taps in enumerate(self.taps):

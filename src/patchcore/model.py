@@ -24,7 +24,8 @@ from .bank import MemoryBank
 from .core.geometry import Preprocessing, input_size_for, is_gray
 from .core.imagefiles import ImagesLike, Item, as_items, iter_loaded
 from .core.prediction import Prediction
-from .core.scoring import score_patches
+from .core.scoring import score_assembled, score_patches
+from .core.tiling import Assembled, crop, tile_grid
 from .coreset import CoresetSampler
 from .devices import apply_torch_threads
 from .errors import ImageError, ModelFileError, NotFittedError, PatchCoreError
@@ -55,6 +56,9 @@ class PatchCore:
         applied to the median good image; for small defects on large images.
     keep_aspect: keep each image's aspect ratio (default: the preset's; True but for "paper", which squashes
         every image to a square as the paper's table was made).
+    tile_size: a network input with more pixels than a square of this side goes through the network in
+        overlapping tiles of at most this side, searched tile by tile, so the memory per image stays bounded
+        and the time grows with the pixels (None: one pass whatever the size). See :mod:`.core.tiling`.
     rotations: quarter turns (degrees: 90, 180, 270) of every good image whose patch features join the memory
         bank too, so the bank covers parts seen at other angles than the good images show; costs fit time and
         time per image in proportion to the bank (default: the preset's; ``"accurate"`` turns 90 and 180).
@@ -93,8 +97,8 @@ class PatchCore:
 
     def __init__(self, *, backbone: str | None = None, preset: str = "full",
                  image_size: int | tuple[int, int] | None = None, scale: float | None = None,
-                 keep_aspect: bool | None = None, rotations: tuple[int, ...] | None = None,
-                 border_pad: int | None = None,
+                 keep_aspect: bool | None = None, tile_size: int | None = 1024,
+                 rotations: tuple[int, ...] | None = None, border_pad: int | None = None,
                  coreset_ratio: float = 0.1, num_neighbors: int = 9, sigma: float = 4.0, target_far: float = 0.01,
                  calibration_folds: int = 5, seed: int = 0, device: str = "auto", batch_size: int = 8,
                  backbone_weights: str | os.PathLike | None = None, layers: tuple[str, ...] | None = None,
@@ -106,6 +110,7 @@ class PatchCore:
         self.image_size = image_size
         self.scale = scale
         self.keep_aspect = keep_aspect
+        self.tile_size = tile_size
         self.rotations = rotations
         self.border_pad = border_pad
         self.coreset_ratio = coreset_ratio
@@ -192,7 +197,8 @@ class PatchCore:
             resize = self._input_size
         else:
             resize = (int(self.image_size),) * 2 if self.image_size else base.resize
-        return Preprocessing(resize=resize, crop=base.crop, keep_aspect=keep, channels=self._channels)
+        tile = None if self.tile_size is None else int(self.tile_size)
+        return Preprocessing(resize=resize, crop=base.crop, keep_aspect=keep, channels=self._channels, tile=tile)
 
     def input_size_for(self, images: ImagesLike, skip_unreadable: bool = False) -> tuple[int, int]:
         """The network input (height, width) this model would fit ``images`` at: the median image's shape at
@@ -292,42 +298,58 @@ class PatchCore:
             self._extractor = extractor
         return self._extractor
 
-    def _batches(self, items: list[Item], skip_unreadable: bool, turns: tuple[int, ...] | None = None
-                 ) -> Iterator[tuple[list[Item], list[np.ndarray], torch.Tensor]]:
-        """Patch features (N, h, w, D) of consecutive batches, with the items and their RGB arrays; with
-        ``turns`` (quarter turns), (N, len(turns), h, w, D): the features of the network input turned so.
+    def _inputs(self, items: list[Item], skip_unreadable: bool
+                ) -> Iterator[tuple[list[Item], list[np.ndarray], np.ndarray]]:
+        """Consecutive batches of images: the items, their RGB arrays and the network input (N, 3, h, w).
         Unreadable images raise, or with ``skip_unreadable`` are recorded in ``skipped_``."""
-        net = self.network()
         pre = self.preprocessing
-        device = net.mean.device
 
-        def features(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return net(x.to(device)).cpu()
-
-        def turned(x0: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor:
-            # A quarter turn of a non-square input has the transposed grid; its patches are kept in the same
-            # h * w rows (the bank does not care where a patch came from; only the unturned grid is scored).
-            return features(torch.rot90(x0, k, dims=(2, 3))).reshape(grid) if k else features(x0)
-
-        def run(batch: list[tuple[Item, np.ndarray]]):
-            imgs = [a for _, a in batch]
-            x0 = torch.from_numpy(pre(imgs, [it.name for it, _ in batch]))
-            if turns is None:
-                feats = features(x0)
-            else:
-                first = features(x0)
-                feats = torch.stack([first] + [turned(x0, k, tuple(first.shape)) for k in turns[1:]], dim=1)
-            return [it for it, _ in batch], imgs, feats
+        def done(batch: list[tuple[Item, np.ndarray]]):
+            its, imgs = [it for it, _ in batch], [a for _, a in batch]
+            return its, imgs, pre(imgs, [it.name for it in its])
 
         batch: list[tuple[Item, np.ndarray]] = []
         for pair in iter_loaded(items, skip_unreadable, self.skipped_):
             batch.append(pair)
             if len(batch) == self.batch_size:
-                yield run(batch)
+                yield done(batch)
                 batch = []
         if batch:
-            yield run(batch)
+            yield done(batch)
+
+    def _features(self, x: np.ndarray) -> torch.Tensor:
+        """Patch features (N, h, w, D) of a network input (N, 3, H, W) of any size, in tiles when it is larger
+        than one (stitched: each tile gives its interior)."""
+        net = self.network()
+        tiles = self.preprocessing.tiles(net.cell(), x.shape[-2:])
+
+        def run(a: np.ndarray) -> torch.Tensor:
+            with torch.inference_mode():
+                return net(torch.from_numpy(np.ascontiguousarray(a)).to(net.mean.device)).cpu()
+
+        if len(tiles) == 1:
+            return run(x)
+        out = None
+        for t in tiles:
+            f = run(crop(x, t))
+            if out is None:
+                out = torch.empty((x.shape[0], *tile_grid(tiles), f.shape[-1]), dtype=f.dtype)
+            out[:, t.keep[0], t.keep[1]] = f[:, t.local[0], t.local[1]]
+        return out
+
+    def _batches(self, items: list[Item], skip_unreadable: bool, turns: tuple[int, ...] | None = None
+                 ) -> Iterator[tuple[list[Item], list[np.ndarray], torch.Tensor]]:
+        """Patch features (N, h, w, D) of consecutive batches, with the items and their RGB arrays; with
+        ``turns`` (quarter turns), (N, len(turns), h, w, D): the features of the network input turned so.
+        A quarter turn of a non-square input has the transposed grid; its patches are kept in the same h * w
+        rows (the bank does not care where a patch came from; only the unturned grid is ever scored)."""
+        for batch_items, imgs, x in self._inputs(items, skip_unreadable):
+            first = self._features(x)
+            if turns is None:
+                yield batch_items, imgs, first
+                continue
+            views = [first] + [self._features(np.rot90(x, k, axes=(2, 3))).reshape(first.shape) for k in turns[1:]]
+            yield batch_items, imgs, torch.stack(views, dim=1)
 
     def extract(self, images: ImagesLike, skip_unreadable: bool = False, progress: Progress | None = None,
                 turned: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -486,15 +508,32 @@ class PatchCore:
 
     def iter_predict(self, images: ImagesLike, skip_unreadable: bool = False,
                      progress: Progress | None = None) -> Iterator[Prediction]:
-        """Yield a :class:`Prediction` per image as soon as its batch is scored (for large folders)."""
+        """Yield a :class:`Prediction` per image as soon as its batch is scored (for large folders). Large
+        inputs are searched tile by tile (:mod:`.core.tiling`): only one tile's patch features are held."""
         bank = self.memory()
         items = as_items(images)
         self.skipped_ = []
         pixel = (self.calibration_ or {}).get("pixel_threshold")
+        pre, net = self.preprocessing, self.network()
+        tiles = pre.tiles(net.cell())
+        grid = tile_grid(tiles)
+        support = bank.support_of(self.num_neighbors)
         done = 0
-        for batch_items, imgs, feats in self._batches(items, skip_unreadable):
-            scored = self.score_features(bank, feats, [a.shape[:2] for a in imgs])
-            for item, (score, amap) in zip(batch_items, scored):
+        for batch_items, imgs, x in self._inputs(items, skip_unreadable):
+            sizes = [tuple(a.shape[:2]) for a in imgs]
+            accs = [Assembled(grid, pre.cells(grid, size)) for size in sizes]
+            for t in tiles:
+                with torch.inference_mode():
+                    f = net(torch.from_numpy(np.ascontiguousarray(crop(x, t))).to(net.mean.device)).cpu()
+                n, gh, gw, d = f.shape
+                flat = f.reshape(-1, d).float().numpy()
+                dist, nn = bank.nearest(flat)
+                k = gh * gw
+                for i, acc in enumerate(accs):
+                    acc.add(t, dist[i * k:(i + 1) * k], nn[i * k:(i + 1) * k], flat[i * k:(i + 1) * k], (gh, gw))
+            for item, acc, size in zip(batch_items, accs, sizes):
+                score, amap = score_assembled(acc, bank.bank, support, int(self.num_neighbors), pre,
+                                              float(self.sigma), size)
                 yield Prediction(item.name, score, amap, self.threshold_, pixel)
             done += len(batch_items)
             if progress:

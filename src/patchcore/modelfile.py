@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 FORMAT = "patchcore"
 FORMAT_VERSION = 2  # 2: normalization and border_pad are settings (format 1 had neither)
-# Since format 2 files also record keep_aspect and channels; files without them squashed images to a square
-# and took any channels, and still do.
+# Since format 2 files also record keep_aspect, channels and tile; files without them squashed images to a
+# square, took any channels and went through the network in one pass, and still do.
 SAMPLER_FIELDS = tuple(f.name for f in fields(CoresetSampler))
 
 
@@ -78,7 +78,8 @@ def save(model: PatchCore, path: str | os.PathLike, overwrite: bool = False) -> 
         "params": json.dumps(file_params(model)), "backbone_fingerprint": model.fingerprint_,
         "preprocessing": json.dumps({"resize": list(pre.resize), "crop": list(pre.crop) if pre.crop else None,
                                      "mean": mean, "std": std, "border_pad": int(model.resolved("border_pad")),
-                                     "keep_aspect": pre.keep_aspect, "channels": pre.channels}),
+                                     "keep_aspect": pre.keep_aspect, "channels": pre.channels,
+                                     "tile": pre.tile}),
         "fit_info": json.dumps(model.fit_info_),
         "threshold": json.dumps(model.threshold_), "calibration": json.dumps(model.calibration_),
     }
@@ -119,6 +120,7 @@ def migrate(params: dict[str, Any], version: int, prep: dict[str, Any]) -> dict[
     params["layers"] = None if params.get("layers") is None else tuple(params["layers"])
     # Files from before the aspect ratio was kept squashed every image to a square, and took any channels.
     params.setdefault("keep_aspect", False)
+    params.setdefault("tile_size", None)  # and went through the network in one pass
     if isinstance(params.get("image_size"), list):
         params["image_size"] = tuple(params["image_size"])
     # Files from before rotations existed were fitted unturned (whatever their preset chooses today).
@@ -184,7 +186,7 @@ def load(cls: type[PatchCore], path: str | os.PathLike, device: str = "auto",
     if (list(pre.resize) != prep.get("resize") or (list(pre.crop) if pre.crop else None) != prep.get("crop")
             or not _same(mean, prep.get("mean")) or not _same(std, prep.get("std"))
             or int(model.resolved("border_pad")) != int(prep.get("border_pad", 0))
-            or pre.keep_aspect != bool(prep.get("keep_aspect", False))):
+            or pre.keep_aspect != bool(prep.get("keep_aspect", False)) or pre.tile != prep.get("tile")):
         raise ModelFileError(f"{path}: this patchcore ({__version__}) would preprocess images differently "
                              f"from the patchcore that fitted the model ({meta.get('patchcore_version', '?')}), "
                              f"so its scores would change; refit the model")

@@ -28,9 +28,10 @@ from .core.files import file_sha256
 from .core.geometry import Preprocessing
 from .core.imagefiles import ImagesLike, as_items, iter_loaded
 from .core.prediction import Prediction
-from .core.scoring import score_patches
+from .core.scoring import score_assembled
 from .core.search import CellSearch
 from .core.threads import threads as process_threads
+from .core.tiling import Assembled, crop, tile_grid
 from .errors import ModelFileError, PatchCoreError
 
 # 2: model.onnx ends at the search (distances, indices, features) and the scoring is the estimator's own code;
@@ -127,7 +128,9 @@ class Runtime:
         prep = meta["preprocessing"]
         # Exports from before the aspect ratio was kept squashed images to a square and took any channels.
         self.preprocessing = Preprocessing(tuple(prep["resize"]), tuple(prep["crop"]) if prep.get("crop") else None,
-                                           bool(prep.get("keep_aspect", False)), prep.get("channels"))
+                                           bool(prep.get("keep_aspect", False)), prep.get("channels"), prep.get("tile"))
+        # The graphs give one tile's grid; exports from before tiling took the whole input in one pass.
+        self.cell = int(meta.get("cell") or self.preprocessing.input_size[0] // self.grid[0]) if self.grid else None
         self.threshold: float | None = meta.get("threshold")
         self.pixel_threshold: float | None = meta.get("pixel_threshold")
 
@@ -139,16 +142,22 @@ class Runtime:
             s, m = self.session.run(None, {"image": x})
             score, amap = float(s[0]), self.preprocessing.to_image(m[0], size)
         else:
-            if self.path == "fast":
-                (feats,) = self.session.run(None, {"image": x})
-                q = feats[0]
-                dist, nn_idx, _ = self.cells.nearest(q)
-            else:
-                dist, nn_idx, feats = self.session.run(None, {"image": x})
-                dist, nn_idx, q = dist[0], nn_idx[0], feats[0]
+            pre = self.preprocessing
+            tiles = pre.tiles(self.cell)
+            grid = tile_grid(tiles)
+            acc = Assembled(grid, pre.cells(grid, size))
+            for t in tiles:
+                xt = np.ascontiguousarray(crop(x, t))
+                if self.path == "fast":
+                    (feats,) = self.session.run(None, {"image": xt})
+                    q = feats[0]
+                    dist, nn_idx, _ = self.cells.nearest(q)
+                else:
+                    dist, nn_idx, feats = self.session.run(None, {"image": xt})
+                    dist, nn_idx, q = dist[0], nn_idx[0], feats[0]
+                acc.add(t, dist, nn_idx, q, self.grid)
             support = None if self.support is None else (lambda m: self.support[m])
-            score, amap = score_patches(dist, nn_idx, q, self.bank, support, self.num_neighbors, self.grid,
-                                        self.preprocessing, self.sigma, size)
+            score, amap = score_assembled(acc, self.bank, support, self.num_neighbors, pre, self.sigma, size)
         return Prediction(name, score, amap, self.threshold, self.pixel_threshold)
 
     def iter_predict(self, images: ImagesLike, skip_unreadable: bool = False) -> Iterator[Prediction]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .backbones import NORMALIZATIONS, get_backbone
 from .core.geometry import Preprocessing
+from .core.tiling import TILE_MARGIN
 from .devices import check_device
 from .errors import PatchCoreError
 
@@ -113,6 +114,10 @@ def check(model: PatchCore) -> None:
         if size is not None or not keep:
             raise PatchCoreError("scale sets the network input's size from the good images' own: give image_size "
                                  "or scale, not both, and not with keep_aspect=False")
+    tile = model.tile_size
+    if tile is not None and (not isinstance(tile, (int, np.integer)) or tile % 16 or tile < 2 * TILE_MARGIN + 64):
+        raise PatchCoreError(f"tile_size must be a multiple of 16 of at least {2 * TILE_MARGIN + 64} pixels "
+                             f"(or None: one pass), got {tile!r}")
     base = preset(model.preset)
     if base.crop is not None and keep:
         raise PatchCoreError(f"preset {model.preset!r} centre-crops a square input: it cannot keep the aspect ratio")

@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import ImageError
+from .tiling import Tile, plan_tiles
 
 
 @lru_cache(maxsize=64)
@@ -117,6 +118,8 @@ class Preprocessing:
     scored, with one the border outside it is not. ``channels`` is what the model was fitted on, "gray" or
     "color": a colour image given to a grayscale model is converted to its luminance, a grayscale image given
     to a colour model is refused (None: models from before channels were recorded, which take either).
+    ``tile``: an input with more pixels than a ``tile`` x ``tile`` square goes through the network in
+    overlapping tiles of at most that side (None: one pass whatever its size).
     Normalisation belongs to the backbone.
     """
 
@@ -124,6 +127,12 @@ class Preprocessing:
     crop: tuple[int, int] | None = None
     keep_aspect: bool = False
     channels: str | None = None
+    tile: int | None = None
+
+    def tiles(self, cell: int, size: tuple[int, int] | None = None) -> list[Tile]:
+        """The tiles the network input (or an input of ``size``, such as a turned one) goes through the network
+        in, for patches ``cell`` input pixels apart (see :mod:`patchcore.core.tiling`)."""
+        return plan_tiles(size or self.input_size, self.tile, cell)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from .geometry import Preprocessing, linear_weights
+from .tiling import Assembled, Tile
 
 Support = Callable[[int], np.ndarray]
 """support(m) -> N_b(m) of Eq. 7: bank feature m first, then its b - 1 nearest other bank features."""
@@ -94,17 +95,25 @@ def score_map(patch_scores: np.ndarray, size: tuple[int, int], sigma: float) -> 
     return (left @ patch_scores.astype(np.float32) @ right).astype(np.float32)
 
 
+def score_assembled(acc: Assembled, bank: np.ndarray, support: Support | None, num_neighbors: int,
+                    preprocessing: Preprocessing, sigma: float, image_size: tuple[int, int]
+                    ) -> tuple[float, np.ndarray]:
+    """One image's (score, anomaly map at ``image_size``) from its assembled grid of distances: Eq. 7 on the
+    patch with the largest distance among those on the image (not on a mirrored margin, see
+    :meth:`Preprocessing.cells`), and the smoothed map put back onto the image."""
+    j = acc.best_j
+    score = image_score(bank, acc.best_patch, acc.best_dist, int(acc.nn.flat[j]), support, num_neighbors)
+    amap = score_map(acc.dist, preprocessing.input_size, sigma)
+    return score, preprocessing.to_image(amap, image_size)
+
+
 def score_patches(dist: np.ndarray, nn: np.ndarray, patches: np.ndarray, bank: np.ndarray, support: Support | None,
                   num_neighbors: int, grid: tuple[int, int], preprocessing: Preprocessing, sigma: float,
                   image_size: tuple[int, int]) -> tuple[float, np.ndarray]:
-    """One image's (score, anomaly map at ``image_size``) from its patches' nearest-neighbour distances
-    ``dist`` and bank indices ``nn`` (h * w each, row-major over ``grid``) and the patch features ``patches``
-    (h * w, D): Eq. 7 on the patch with the largest distance among those on the image (not on a mirrored
-    margin, see :meth:`Preprocessing.cells`), and the smoothed map put back onto the image."""
-    rows, cols = preprocessing.cells(grid, image_size)
-    on_image = np.asarray(dist).reshape(grid)[rows, cols]
-    r, c = np.unravel_index(int(np.argmax(on_image)), on_image.shape)
-    j = (rows.start + int(r)) * grid[1] + cols.start + int(c)
-    score = image_score(bank, patches[j], float(dist[j]), int(nn[j]), support, num_neighbors)
-    amap = score_map(np.asarray(dist, dtype=np.float32).reshape(grid), preprocessing.input_size, sigma)
-    return score, preprocessing.to_image(amap, image_size)
+    """:func:`score_assembled` for a whole grid at once: ``dist`` and ``nn`` (h * w each, row-major over
+    ``grid``) and the patch features ``patches`` (h * w, D)."""
+    h, w = grid
+    whole = (slice(0, h), slice(0, w))
+    acc = Assembled(grid, preprocessing.cells(grid, image_size))
+    acc.add(Tile((0, 0, 0, 0), whole, whole), dist, nn, patches, grid)
+    return score_assembled(acc, bank, support, num_neighbors, preprocessing, sigma, image_size)
