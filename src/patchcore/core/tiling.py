@@ -33,21 +33,30 @@ class Tile:
     local: tuple[slice, slice]
 
 
-def _spans(length: int, tile: int, margin: int) -> list[tuple[int, int, int]]:
-    """(start, keep from, keep to) in pixels of the tiles along one axis: windows of ``min(length, tile)``
-    that step by ``tile - 2 * margin`` (the last one flush with the end); each keeps from where the one
-    before it stopped, at least ``margin`` pixels from its own cut."""
-    t = min(length, tile)
-    if t == length:
-        return [(0, 0, length)]
-    step = t - 2 * margin
-    starts = list(range(0, length - t, step)) + [length - t]
-    spans, kept = [], 0
-    for k, s in enumerate(starts):
-        hi = length if k == len(starts) - 1 else s + t - margin
-        spans.append((s, kept, hi))
-        kept = hi
-    return spans
+def _spans(length: int, tile: int, margin: int, align: int = 16) -> tuple[int, list[tuple[int, int, int]]]:
+    """The window size and (start, keep from, keep to) in pixels of the tiles along one axis: as few windows
+    of at most ``tile`` as cover ``length`` with ``margin`` of context at every cut, all of one size (the
+    smallest that does it, so little is computed twice), spread evenly; cuts fall midway in the overlaps.
+    Starts, sizes and cuts are multiples of ``align`` (the deepest layer's stride), so a tile's patches are
+    those of the whole input."""
+    if length <= tile:
+        return length, [(0, 0, length)]
+
+    def up(x: float) -> int:
+        return int(-(-x // align) * align)
+
+    n = 2
+    while True:
+        t = up((length + 2 * margin * (n - 1)) / n)
+        while t <= min(tile, length):
+            starts = [k * (length - t) // (n - 1) // align * align for k in range(n)]
+            cuts = [(lo + margin + hi - margin) // 2 // align * align
+                    for lo, hi in zip(starts[1:], [s + t for s in starts[:-1]])]
+            if all(s + margin <= c <= e - margin for s, e, c in zip(starts[1:], [s + t for s in starts[:-1]], cuts)):
+                edges = [0] + cuts + [length]
+                return t, [(s, edges[k], edges[k + 1]) for k, s in enumerate(starts)]
+            t += align
+        n += 1
 
 
 def plan_tiles(input_size: tuple[int, int], tile: int | None, cell: int, margin: int = TILE_MARGIN) -> list[Tile]:
@@ -59,9 +68,9 @@ def plan_tiles(input_size: tuple[int, int], tile: int | None, cell: int, margin:
         return [Tile((0, 0, H, W), (slice(0, H // cell), slice(0, W // cell)),
                      (slice(0, H // cell), slice(0, W // cell)))]
     out = []
-    for ys, ylo, yhi in _spans(H, int(tile), margin):
-        for xs, xlo, xhi in _spans(W, int(tile), margin):
-            th, tw = min(H, int(tile)), min(W, int(tile))
+    (th, rows), (tw, cols) = _spans(H, int(tile), margin), _spans(W, int(tile), margin)
+    for ys, ylo, yhi in rows:
+        for xs, xlo, xhi in cols:
             out.append(Tile((ys, xs, th, tw), (slice(ylo // cell, yhi // cell), slice(xlo // cell, xhi // cell)),
                             (slice((ylo - ys) // cell, (yhi - ys) // cell),
                              slice((xlo - xs) // cell, (xhi - xs) // cell))))
