@@ -111,6 +111,8 @@ def test_a_gray_image_on_a_colour_model_is_refused_in_one_line(small_model, bott
     with pytest.raises(ImageError, match="grayscale image, but this model takes colour") as e:
         model.predict([gray])
     assert "\n" not in str(e.value)
+    # A uniform frame (a lamp out, a blank) says nothing of its camera: scored, not refused.
+    assert np.isfinite(model.predict([np.zeros((300, 300), np.uint8)])[0].score)
 
 
 def test_rotations_work_on_an_elongated_input(ksdd):

@@ -14,7 +14,6 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -227,14 +226,6 @@ def _model_params(*, backbone: str | None, coreset_ratio: float, preset: str, im
     return p
 
 
-def _input_words(size: Sequence[int], keep_aspect: bool, channels: str | None) -> str:
-    """The network input in words: its size, whether it keeps the aspect ratio, the channels."""
-    h, w = size
-    how = "aspect ratio kept" if keep_aspect else "images squashed to it"
-    kind = {"gray": "grayscale", "color": "colour"}.get(channels or "", "any channels")
-    return f"{h} x {w} px (height x width), {how}; {kind}"
-
-
 # ------------------------------------------------------------------------------------------- options
 class ThresholdMethod(str, Enum):
     conformal = "conformal"
@@ -380,7 +371,7 @@ def fit(
     n_cal = summary["n_calibration"]
     rows = [("good images", f"{summary['n_good']} ({summary['layout']})"),
             ("fitted on", f"{summary['n_fit']} images -> memory bank of {summary['bank_size']} patches"),
-            ("network input", _input_words(summary["input_size"], summary["keep_aspect"], summary["channels"])),
+            ("network input", summary["network_input"]),
             ("calibrated on", f"{n_cal} good images ({summary['calibration_source']})"),
             ("threshold", f"{summary['threshold']:.6g}  ({summary['threshold_source']})"),
             ("guarantee", summary["guarantee"]),
@@ -764,7 +755,7 @@ def info(
     t = Table(title=f"{model_path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    from .report import settings_in_words
+    from .report import input_in_words, settings_in_words
 
     for label, value in settings_in_words(model.get_params()):
         t.add_row(label, Text(value))
@@ -772,8 +763,7 @@ def info(
     turns = f" (each also turned: {fi['turns']} views)" if fi.get("turns", 1) > 1 else ""
     t.add_row("fitted on", f"{fi.get('n_images')} images{turns}, memory bank {fi.get('bank_size')} x "
                            f"{fi.get('feature_dim')}, {fi.get('fit_seconds', 0):.1f} s")
-    pre = model.preprocessing
-    t.add_row("network input", _input_words(pre.input_size, pre.keep_aspect, pre.channels))
+    t.add_row("network input", input_in_words(model.preprocessing))
     if model.threshold_ is None:
         t.add_row("threshold", "none (not calibrated: `patchcore predict` needs --threshold)")
     else:

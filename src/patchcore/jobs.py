@@ -287,12 +287,14 @@ def fit_folder(data: str | os.PathLike, output: str | os.PathLike, params: dict[
     model.save(output, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     info = model.fit_info_
+    from .report import input_in_words
+
     return {
         "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
         "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": cal.source,
         "n_defect": cal.n_defect, "bank_size": info["bank_size"], "threshold": cal.threshold,
         "input_size": list(model.preprocessing.input_size), "keep_aspect": model.preprocessing.keep_aspect,
-        "channels": model.preprocessing.channels,
+        "channels": model.preprocessing.channels, "network_input": input_in_words(model.preprocessing),
         "threshold_from": cal.threshold_from, "pixel_threshold": cal.pixel_threshold,
         "far_threshold": cal.far_threshold, "f1_threshold": cal.f1_threshold, "f1": cal.f1,
         "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,
@@ -416,7 +418,7 @@ def write_predict_report(output: Path, model: PatchCore, model_path: str | os.Pa
                          files: Sequence[Path]) -> Path:
     """OUTPUT/report.html of a predict run: the counts, the settings, the score histogram, a gallery and, when
     folder names tell good from defective (:func:`folder_labels`), the ROC curve and the detection counts."""
-    from .report import build_section, render_html, write_report
+    from .report import build_section, input_in_words, render_html, write_report
 
     rows = summary["images"]
     idx = {str(f): i for i, f in enumerate(files)}
@@ -450,6 +452,7 @@ def write_predict_report(output: Path, model: PatchCore, model_path: str | os.Pa
                 **({"guarantee": cal["statement"]} if cal.get("statement")
                    and summary["threshold_source"] != THRESHOLD_OVERRIDDEN else {}),
                 "normalised score": summary["normalized_score"], "mask": summary["mask"],
+                "network input": input_in_words(model.preprocessing),
                 **{k: v for k, v in model.get_params().items()},
                 **{f"calibration {label}": cal[k] for k, label in CALIBRATION_LABELS.items()
                    if cal.get(k) is not None}}

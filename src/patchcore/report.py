@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .core.files import atomic_write_text
+from .core.geometry import Preprocessing
 from .core.imagefiles import read_image
 from .core.prediction import mask_level
 from .errors import PatchCoreError
@@ -356,6 +357,15 @@ def words(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def input_in_words(pre: Preprocessing) -> str:
+    """The network input in words: its size, whether it keeps the aspect ratio, the channels, the tiles."""
+    h, w = pre.input_size
+    how = "aspect ratio kept" if pre.keep_aspect else "images squashed to it"
+    kind = {"gray": "grayscale", "color": "colour"}.get(pre.channels or "", "any channels")
+    tiles = f"; larger than {pre.tile} x {pre.tile} px in tiles" if pre.tile and h * w > pre.tile ** 2 else ""
+    return f"{h} x {w} px (height x width), {how}; {kind}{tiles}"
 
 
 def settings_in_words(settings: dict[str, Any]) -> list[tuple[str, str]]:

@@ -96,8 +96,10 @@ def input_size_for(sizes: Sequence[tuple[int, int]], short_side: int | None = No
 
 
 def is_gray(rgb: np.ndarray) -> bool:
-    """True when an H x W x 3 image's three channels are equal (a grayscale image read as RGB)."""
-    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+    """True when an H x W x 3 image's three channels are equal (a grayscale image read as RGB). A uniform image
+    (a black or saturated frame, a blank) says nothing of its camera and counts as either kind: False."""
+    r = rgb[..., 0]
+    return bool(np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2]) and r.min() != r.max())
 
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:
