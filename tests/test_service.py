@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -385,6 +386,44 @@ def test_a_full_queue_answers_503_with_retry_after_and_health_stays_quick(small_
         assert f'patchcore_rejected_total{{reason="busy"}} {float(statuses.count(503))}' in metrics
     # Scoring runs in its own threads: the event loop answered while images were being scored.
     assert health_seconds < 1.0, health_seconds
+
+
+def test_concurrent_requests_are_scored_in_batches_with_the_answers_of_one_at_a_time(small_model, tmp_path, bottle):
+    """Eight clients at once on one scorer: the requests that waited together are scored in batches (the
+    batch histogram counts fewer batches than images), each answer is the one the image gets alone, and a bad
+    image among them fails only its own request."""
+    shutil.copy(small_model, tmp_path / "bottle.safetensors")
+    files = sorted((bottle / "test" / "broken_large").iterdir())[:7]
+    images = [f.read_bytes() for f in files] + [_gray_png()]  # the last: grayscale, refused by a colour model
+    with running(tmp_path, concurrency=1, queue_size=8, max_batch=8) as base:
+        alone = [json.loads(predict(base, "bottle", img).body) for img in images[:7]]
+        barrier = threading.Barrier(len(images))
+        replies: dict[int, Reply] = {}
+
+        def client(i: int) -> None:
+            barrier.wait()
+            replies[i] = predict(base, "bottle", images[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        metrics = call(base, "GET", "/metrics").body.decode()
+    for i, a in enumerate(alone):
+        got = json.loads(replies[i].body)
+        assert replies[i].status == 200 and got["verdict"] == a["verdict"]
+        assert got["score"] == pytest.approx(a["score"], rel=1e-5)
+    one_line_error(replies[7], 422, "grayscale image")
+    count = float(re.search(r'patchcore_batch_images_count\{model="bottle"\} ([0-9.]+)', metrics).group(1))
+    total = float(re.search(r'patchcore_batch_images_sum\{model="bottle"\} ([0-9.]+)', metrics).group(1))
+    assert total >= 7 + 7 and count < 7 + 7, metrics  # 7 alone, then the burst in fewer batches than images
+
+
+def _gray_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_serve_command(small_model, tmp_path):

@@ -868,6 +868,8 @@ def serve(
     concurrency: Annotated[int, typer.Option(help="Images scored at the same time (threads).")] = 1,
     queue: Annotated[int, typer.Option(help="Requests that may wait for a scorer; more get 503 with "
                                             "Retry-After.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Requests for one model waiting together are scored in one "
+                                                "batch of at most this many (1: one at a time).")] = 8,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 20.0,
     max_megapixels: Annotated[float, typer.Option(help="Largest image accepted, read from its header before "
                                                        "decoding (422 beyond).")] = 25.0,
@@ -907,7 +909,7 @@ def serve(
     settings = ServiceSettings(models_dir=models_dir, api_key=api_key or None,
                                max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                max_pixels=int(max_megapixels * 1e6), concurrency=concurrency, queue_size=queue,
-                               reload_interval=reload_interval, device=device)
+                               max_batch=max_batch, reload_interval=reload_interval, device=device)
     settings.check()
     from .registry import kind_of, served_paths
 

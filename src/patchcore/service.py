@@ -7,9 +7,11 @@ numbers for the same file.
 Order of refusals for a prediction, cheapest first, so abuse costs little: wrong API key 401, unknown model
 404, declared body over the limit 413 (nothing read), scorers busy and queue full 503 with Retry-After
 (nothing read), body over the limit while reading 413, image header with too many or too few pixels 422
-(nothing decoded), undecodable image 422. Only then is the image decoded and scored, in a thread pool of
-``concurrency`` threads, so the event loop keeps answering health checks and refusals. The memory held is
-bounded by ``(concurrency + queue) * max_upload`` for bodies plus ``concurrency`` images being scored.
+(nothing decoded), undecodable image 422. Only then is the image decoded and scored, by one of ``concurrency``
+scorer threads (:class:`Batcher`), so the event loop keeps answering health checks and refusals; requests
+for one model that wait together are scored in one batch, as the library scores a folder, which is what lets
+several clients get the library's batch throughput. The memory held is bounded by
+``(concurrency + queue) * max_upload`` for bodies plus ``concurrency * max_batch`` images being scored.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import base64
 import hmac
 import logging
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +44,7 @@ from starlette.requests import ClientDisconnect
 from . import __version__
 from .core.imagefiles import check_image_bytes, read_image_bytes
 from .errors import ImageError, PatchCoreError
-from .inference import score_image, thresholds_in_force
+from .inference import Thresholds, result_of, thresholds_in_force
 from .registry import ModelEntry, ModelRegistry, kind_of
 from .visualize import png_bytes
 
@@ -62,6 +66,7 @@ class ServiceSettings:
     max_pixels: int = 25_000_000  # more is refused from the header, before decoding (scoring holds ~80 B/pixel)
     concurrency: int = 1  # images scored at the same time (threads); more rarely helps on a CPU
     queue_size: int = 8  # requests that may wait for a scorer; the rest get 503 with Retry-After
+    max_batch: int = 8  # requests for one model waiting together are scored in one batch of at most this many
     reload_interval: float = 2.0  # seconds between scans of models_dir (a new file serves after 1-2 of them)
     device: str = "auto"
 
@@ -69,6 +74,7 @@ class ServiceSettings:
         if not self.models_dir.is_dir():
             raise PatchCoreError(f"{self.models_dir}: no such folder (the folder of model files to serve)")
         for name, value, low in (("concurrency", self.concurrency, 1), ("queue size", self.queue_size, 0),
+                                 ("batch size", self.max_batch, 1),
                                  ("upload limit", self.max_upload_bytes, 1), ("pixel limit", self.max_pixels, 1)):
             if value < low:
                 raise PatchCoreError(f"the {name} must be at least {low}, got {value}")
@@ -186,6 +192,8 @@ class Metrics:
         self.admitted = Gauge("patchcore_requests_admitted", "Predictions being scored or waiting for a scorer",
                               registry=self.registry)
         self.models = Gauge("patchcore_models_loaded", "Models in service", registry=self.registry)
+        self.batches = Histogram("patchcore_batch_images", "Images scored together in one batch, by model",
+                                 ["model"], registry=self.registry, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
         self.model_events = Counter("patchcore_model_events_total", "Model files loaded, failed or removed",
                                     ["model", "event"], registry=self.registry)
 
@@ -347,17 +355,17 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
 
     models = registry or ModelRegistry(settings.models_dir, device=settings.device, on_event=on_event)
     admission = Admission(settings.concurrency, settings.queue_size)
-    pool: dict[str, ThreadPoolExecutor] = {}
+    pool: dict[str, Batcher] = {}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        pool["scorers"] = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="patchcore-score")
+        pool["scorers"] = Batcher(settings.concurrency, settings.max_batch, metrics)
         models.start(settings.reload_interval)
         try:
             yield
         finally:
             models.stop()
-            pool.pop("scorers").shutdown(wait=True, cancel_futures=True)
+            pool.pop("scorers").shutdown()
 
     app = FastAPIOffline(
         title="patchcore", version=__version__, lifespan=lifespan,
@@ -469,9 +477,8 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
                 raise HTTPException(422, str(e)) from None
             options = dict(overlay=overlay, outline=outline, mask=mask, polygons=polygons, map=map,
                            threshold=threshold)
-            loop = asyncio.get_running_loop()
             try:
-                result = await loop.run_in_executor(pool["scorers"], _score, entry, data, options)
+                result = await asyncio.wrap_future(pool["scorers"].submit(entry, data, options))
             except ImageError as e:
                 metrics.rejected.labels("bad_image").inc()
                 raise HTTPException(422, str(e)) from None
@@ -504,13 +511,113 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
     return app
 
 
-def _score(entry: ModelEntry, data: bytes, options: dict[str, Any]) -> dict[str, Any]:
-    """Decode and score one image (in a scorer thread) and build the response's fields."""
-    t0 = time.perf_counter()
-    image = read_image_bytes(data, name="the image")
-    thresholds = entry.thresholds if options["threshold"] is None else \
-        thresholds_in_force(entry.model, options["threshold"], "the request's threshold", entry.name)
-    res = score_image(entry.model, image, thresholds, name=entry.name)
+@dataclass
+class _Job:
+    entry: ModelEntry
+    data: bytes
+    options: dict[str, Any]
+    future: Future
+
+
+class Batcher:
+    """The scorer threads: each takes the oldest waiting request and every other one waiting for the same model
+    (up to ``max_batch``, in arrival order) and scores them in one ``predict`` call, as the library scores a
+    folder in batches. A request that arrives alone is scored at once, alone: nothing waits for company.
+    Decoding, thresholds and pictures stay per request; a batch that fails is scored again one by one, so one
+    bad image fails only its own request."""
+
+    def __init__(self, workers: int, max_batch: int, metrics: Metrics) -> None:
+        self.max_batch, self.metrics = int(max_batch), metrics
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, name=f"patchcore-score-{i}", daemon=True)
+                         for i in range(int(workers))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, entry: ModelEntry, data: bytes, options: dict[str, Any]) -> Future:
+        """Queue one request; its future gets the response's fields (or the error)."""
+        job = _Job(entry, data, options, Future())
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the service is shutting down")
+            self._queue.append(job)
+            self._cond.notify()
+        return job.future
+
+    def shutdown(self) -> None:
+        """Cancel what waits, let the batches being scored finish, stop the threads."""
+        with self._cond:
+            self._stop = True
+            for job in self._queue:
+                job.future.cancel()
+            self._queue.clear()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _take(self) -> list[_Job]:
+        with self._cond:
+            while not self._queue and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return []
+            first = self._queue.popleft()
+            batch, others = [first], deque()
+            while self._queue and len(batch) < self.max_batch:
+                job = self._queue.popleft()
+                (batch if job.entry.model is first.entry.model else others).append(job)
+            self._queue.extendleft(reversed(others))
+            return [j for j in batch if j.future.set_running_or_notify_cancel()]  # a gone client's is dropped
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if self._stop:
+                return
+            if batch:
+                self._score(batch)
+
+    def _score(self, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        ready: list[tuple[_Job, Any, Thresholds]] = []
+        for job in batch:
+            try:
+                # Checked here, not in the batch: an image of the wrong kind fails its own request only.
+                image = job.entry.model.preprocessing.channels_of(read_image_bytes(job.data, name="the image"),
+                                                                  "the image")
+                opts = job.options
+                thresholds = job.entry.thresholds if opts["threshold"] is None else thresholds_in_force(
+                    job.entry.model, opts["threshold"], "the request's threshold", job.entry.name)
+                ready.append((job, image, thresholds))
+            except Exception as e:  # noqa: BLE001 - the request's own error, answered by the handler
+                job.future.set_exception(e)
+        if not ready:
+            return
+        model = ready[0][0].entry.model
+        try:
+            preds = model.predict([image for _, image, _ in ready])
+        except Exception:  # noqa: BLE001 - one image spoilt the batch: score each alone for its own answer
+            preds = None
+        sizes = self.metrics.batches.labels(ready[0][0].entry.name)
+        if preds is not None:
+            sizes.observe(len(ready))
+        for k, (job, image, thresholds) in enumerate(ready):
+            try:
+                if preds is None:
+                    sizes.observe(1)
+                pred = preds[k] if preds is not None else model.predict([image])[0]
+                pred.name = job.entry.name
+                job.future.set_result(_response(job.entry, result_of(pred, image, thresholds), thresholds,
+                                                job.options, t0))
+            except Exception as e:  # noqa: BLE001 - the request's own error, answered by the handler
+                job.future.set_exception(e)
+
+
+def _response(entry: ModelEntry, res: Any, thresholds: Thresholds, options: dict[str, Any], t0: float
+              ) -> dict[str, Any]:
+    """The response's fields for one scored image (``res``: :class:`patchcore.inference.ImageResult`)."""
     out: dict[str, Any] = {"model": entry.name, **res.summary(), "threshold_source": thresholds.source}
     if options["overlay"]:
         out["overlay_png"] = _b64(png_bytes(res.overlay(outline=options["outline"])))
