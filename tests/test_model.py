@@ -68,7 +68,7 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     loaded = PatchCore.load(path)
     assert loaded.get_params() | {"device": "auto"} == model.get_params() | {  # the preset's choices, written out
         "layers": ("blocks.2", "blocks.4"), "device": "auto", "backbone": "efficientnet_lite0", "border_pad": 16,
-        "normalization": "tf", "image_size": model.preprocessing.resize[0], "rotations": ()}
+        "normalization": "tf", "image_size": model.preprocessing.resize[0], "rotations": (), "keep_aspect": True}
     some = [s.path for s in bottle.test[::10]]
     again, same = loaded.predict(some), model.predict(some)
     for p, q, r in zip(preds[::10], again, same):

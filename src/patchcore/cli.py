@@ -816,9 +816,11 @@ def export_cmd(
     t.add_column(style="bold")
     t.add_column()
     t.add_row("from", f"{model_path} (sha256 {meta['source_model']['sha256'][:16]})")
-    t.add_row("graphs", f"{meta['onnx_file']} (the whole pipeline), {meta['fast_path']['features_file']} + "
+    tile = meta.get("tile_input") or meta["input_size"]
+    tiled = "" if list(tile) == list(meta["input_size"]) else f", in tiles of {tile[0]}x{tile[1]}"
+    t.add_row("graphs", f"{meta['onnx_file']} (network and bank search), {meta['fast_path']['features_file']} + "
                         f"{meta['fast_path']['search_file']} (the runtime's fast path); opset {meta['opset']}, "
-                        f"input {meta['input_size'][0]}x{meta['input_size'][1]}")
+                        f"input {meta['input_size'][0]}x{meta['input_size'][1]}{tiled}")
     t.add_row("threshold", "none" if meta["threshold"] is None else f"{meta['threshold']:.6g}")
     for path, p in par.items():
         t.add_row(f"parity ({path})", f"{p['images']} {p['checked_on']}: scores within {p['score_max_rel_diff']:.1e} "

@@ -260,9 +260,12 @@ def fit_many(root: str | os.PathLike, models_dir: str | os.PathLike, params: dic
             task = ray.remote(num_cpus=1)(_fit_task)
             memory = {}
             for p in products:
-                goods = good_images(p)[0]
-                t, h, w, d = patch_shape(params, goods)
-                memory[p.name] = fit_memory(len(goods), t * h * w, d)
+                try:
+                    goods = good_images(p)[0]
+                    t, h, w, d = patch_shape(params, goods)
+                    memory[p.name] = fit_memory(len(goods), t * h * w, d)
+                except PatchCoreError:  # no readable good image: its task fails and says why in its row
+                    memory[p.name] = fit_memory(0, 0, 0)
             refs = {task.options(memory=memory[p.name], name=f"fit {p.name}").remote(
                 str(p), str(outs[p.name]), params, overwrite, skip_unreadable): p.name for p in products}
             pending = list(refs)

@@ -355,8 +355,11 @@ class PatchCore:
                 turned: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Patch features (N, h, w, D) of all readable images, in ``storage_dtype``, and their (H, W) sizes;
         ``turned``: (N, T, h, w, D), the features of each of the model's ``turns`` (the image itself first).
-        Skipped unreadable images (with ``skip_unreadable``) are added to ``skipped_``."""
+        Skipped unreadable images (with ``skip_unreadable``) are added to ``skipped_``. An unfitted
+        aspect-keeping model first takes its network input and channels from these images, as a fit would."""
         items = as_items(images)
+        if self._bank is None and self._input_size is None and not isinstance(self.image_size, (tuple, list)):
+            self.set_geometry(self.input_size_for(items, skip_unreadable), self.channels_for(items, skip_unreadable))
         chunks, sizes = [], []
         dtype = torch.float16 if self.storage_dtype == "float16" else torch.float32
         for _, imgs, feats in self._batches(items, skip_unreadable, self.turns if turned else None):
