@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # Pixels of context each side of a cut (8 cells of the deepest, stride-16 layer). Measured on KolektorSDD at its
-# native size (1248 x 496 input, 6 crack images, one bank): tiles against one pass differ by at most 1.1e-2
-# (score, relative) and 9.1e-2 (map, of its range) with 64 px, 1.4e-3 and 1.8e-2 with 96, 2.4e-5 and 2.0e-3
-# with 128.
+# native size (1248 x 496 input, 6 crack images, one bank, tiles of at most 512): tiles against one pass differ
+# by at most 1.1e-3 (score, relative) and 6.1e-2 (map, of its range) with 64 px, 1.0e-3 and 1.4e-2 with 96,
+# 2.7e-5 and 1.6e-3 with 128 (docs/benchmarks.md, section 16).
 TILE_MARGIN = 128
 
 
