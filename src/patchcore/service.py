@@ -573,11 +573,11 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._take()
-            if self._stop:
-                return
+            batch = self._take()  # empty when stopping, or when every request taken was given up
             if batch:
-                self._score(batch)
+                self._score(batch)  # a batch taken is always answered, even while stopping
+            elif self._stop:
+                return
 
     def _score(self, batch: list[_Job]) -> None:
         t0 = time.perf_counter()
