@@ -186,29 +186,30 @@ class PatchCore:
     def preprocessing(self) -> Preprocessing:
         """How images become the network input. An aspect-keeping model's input size is chosen from its good
         images (:meth:`input_size_for`), so it is known once the model is fitted or that size is set."""
-        base = settings.preset(self.preset)
-        keep = bool(self.resolved("keep_aspect"))
-        if isinstance(self.image_size, (tuple, list)):
-            resize = tuple(int(x) for x in self.image_size)
-        elif keep:
-            if self._input_size is None:
-                raise NotFittedError("an aspect-keeping model takes its input size from its good images: fit it "
-                                     "first, or give image_size as (height, width)")
-            resize = self._input_size
-        else:
-            resize = (int(self.image_size),) * 2 if self.image_size else base.resize
+        resize = self._set_size() or self._input_size
+        if resize is None:
+            raise NotFittedError("an aspect-keeping model takes its input size from its good images: fit it "
+                                 "first, or give image_size as (height, width)")
         tile = None if self.tile_size is None else int(self.tile_size)
-        return Preprocessing(resize=resize, crop=base.crop, keep_aspect=keep, channels=self._channels, tile=tile)
+        return Preprocessing(resize=resize, crop=settings.preset(self.preset).crop,
+                             keep_aspect=bool(self.resolved("keep_aspect")), channels=self._channels, tile=tile)
+
+    def _set_size(self) -> tuple[int, int] | None:
+        """The network input's size where the settings fix it (a (height, width) image_size, or a squashing
+        model's square); None where an aspect-keeping model takes it from its good images."""
+        if isinstance(self.image_size, (tuple, list)):
+            return int(self.image_size[0]), int(self.image_size[1])
+        if not self.resolved("keep_aspect"):
+            return (int(self.image_size),) * 2 if self.image_size else settings.preset(self.preset).resize
+        return None
 
     def input_size_for(self, images: ImagesLike, skip_unreadable: bool = False) -> tuple[int, int]:
         """The network input (height, width) this model would fit ``images`` at: the median image's shape at
         ``image_size`` (its shorter side) or ``scale``, each side rounded to the stride. Files are sized
         from their headers, without decoding them."""
-        if isinstance(self.image_size, (tuple, list)):
-            return tuple(int(x) for x in self.image_size)
-        base = settings.preset(self.preset)
-        if not self.resolved("keep_aspect"):
-            return (int(self.image_size),) * 2 if self.image_size else base.resize
+        fixed = self._set_size()
+        if fixed is not None:
+            return fixed
         sizes = []
         for item in as_items(images):
             try:
@@ -218,7 +219,7 @@ class PatchCore:
                     raise
         if not sizes:
             raise PatchCoreError("no readable good images to fit on")
-        return input_size_for(sizes, self.image_size or base.resize[0], self.scale)
+        return input_size_for(sizes, self.image_size or settings.preset(self.preset).resize[0], self.scale)
 
     def channels_for(self, images: ImagesLike, skip_unreadable: bool = False) -> str:
         """What a model fitted on ``images`` takes, "gray" or "color": its first readable good image's kind.
@@ -317,21 +318,21 @@ class PatchCore:
         if batch:
             yield done(batch)
 
+    def _forward(self, x: np.ndarray) -> torch.Tensor:
+        """The network's patch features (N, h, w, D) of one network input or tile batch (N, 3, H, W)."""
+        net = self.network()
+        with torch.inference_mode():
+            return net(torch.from_numpy(np.ascontiguousarray(x)).to(net.mean.device)).cpu()
+
     def _features(self, x: np.ndarray) -> torch.Tensor:
         """Patch features (N, h, w, D) of a network input (N, 3, H, W) of any size, in tiles when it is larger
         than one (stitched: each tile gives its interior)."""
-        net = self.network()
-        tiles = self.preprocessing.tiles(net.cell(), x.shape[-2:])
-
-        def run(a: np.ndarray) -> torch.Tensor:
-            with torch.inference_mode():
-                return net(torch.from_numpy(np.ascontiguousarray(a)).to(net.mean.device)).cpu()
-
+        tiles = self.preprocessing.tiles(self.network().cell(), x.shape[-2:])
         if len(tiles) == 1:
-            return run(x)
+            return self._forward(x)
         out = None
         for t in tiles:
-            f = run(crop(x, t))
+            f = self._forward(crop(x, t))
             if out is None:
                 out = torch.empty((x.shape[0], *tile_grid(tiles), f.shape[-1]), dtype=f.dtype)
             out[:, t.keep[0], t.keep[1]] = f[:, t.local[0], t.local[1]]
@@ -526,8 +527,7 @@ class PatchCore:
             sizes = [tuple(a.shape[:2]) for a in imgs]
             accs = [Assembled(grid, pre.cells(grid, size)) for size in sizes]
             for t in tiles:
-                with torch.inference_mode():
-                    f = net(torch.from_numpy(np.ascontiguousarray(crop(x, t))).to(net.mean.device)).cpu()
+                f = self._forward(crop(x, t))
                 n, gh, gw, d = f.shape
                 flat = f.reshape(-1, d).float().numpy()
                 dist, nn = bank.nearest(flat)
