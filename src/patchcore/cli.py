@@ -31,7 +31,15 @@ from . import __version__
 from .errors import ImageError, PatchCoreError
 from .inference import check_headers, describe_threshold, load_model
 from .inference import percent as _percent
-from .jobs import check_out_dir, check_out_parent, collect_images, fit_folder, predict_folder, results_folder
+from .jobs import (
+    check_out_dir,
+    check_out_parent,
+    collect_images,
+    fit_folder,
+    predict_folder,
+    results_folder,
+    update_model,
+)
 
 APP_HELP = (
     "PatchCore visual anomaly detection from the shell.\n\n"
@@ -39,7 +47,8 @@ APP_HELP = (
     "pass/fail threshold for a target false-alarm rate on them (cross-fitted); "
     "`patchcore predict model.safetensors NEW_IMAGES -o out` writes "
     "per image the score, verdict, heat map and defect mask, plus summary.csv / summary.json; "
-    "`patchcore evaluate MVTEC_CATEGORY -o eval --report` measures a setting on labelled data.\n\n"
+    "`patchcore update model.safetensors NEW_GOOD_IMAGES -o model2.safetensors` adds good images without "
+    "refitting; `patchcore evaluate MVTEC_CATEGORY -o eval --report` measures a setting on labelled data.\n\n"
     "Exit codes: 0 ok, 1 bad input (one line 'error: ...' on stderr), 2 wrong command line.")
 
 
@@ -338,6 +347,10 @@ def fit(
              "workers (this machine gathers the features and coordinates the cells): a local Ray, or the "
              'cluster at ADDRESS. Same model as without it. Needs pip install "patchcore\\[ray]".'
     )] = None,
+    leave_out_suspects: Annotated[bool, typer.Option(
+        "--leave-out-suspects",
+        help="Fit again without the good images whose cross-fitted score looks defective (a defective part "
+             "hidden among the good ones); up to twice the fit time. Without it they are only listed.")] = False,
     skip_unreadable: SkipUnreadable = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -349,6 +362,11 @@ def fit(
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
                            border_pad=border_pad, rotations=rotations)
+    if leave_out_suspects:
+        if validation is not None:
+            raise PatchCoreError("--leave-out-suspects finds the suspects in the cross-fitted scores; it does not "
+                                 "work with --validation")
+        params["leave_out_suspects"] = True
     with _Progress(not (quiet or json_out)) as prog:
         try:
             summary = fit_folder(data, output, params, folds=folds, validation=validation, defects=defects,
@@ -379,6 +397,10 @@ def fit(
                                         f"max {summary['good_score_max']:.4g}; "
                                         f"{_percent(summary['calibration_far'])} at or above the threshold"),
             ("pixel threshold (masks)", f"{summary['pixel_threshold']:.6g}")]
+    if summary["left_out_in_words"]:
+        rows.append(("left out (looked defective)", summary["left_out_in_words"]))
+    if summary["suspects_in_words"]:
+        rows.append(("look defective", summary["suspects_in_words"]))
     if summary["f1_threshold"] is not None:
         rows.append(("F1-optimal threshold", f"{summary['f1_threshold']:.6g}  (F1 {summary['f1']:.3f} on {n_cal} "
                                              f"good + {summary['n_defect']} defective)"))
@@ -782,8 +804,73 @@ def info(
         if cal.get("f1_threshold") is not None:
             t.add_row("F1-optimal threshold", f"{cal['f1_threshold']:.6g} (F1 {cal['f1']:.3f}, "
                                               f"{cal.get('n_defect')} defective images)")
+    from .report import left_out_in_words, suspects_in_words
+
+    for label, words in (("left out (looked defective)", left_out_in_words(cal)),
+                         ("look defective", suspects_in_words(cal))):
+        if words:
+            t.add_row(label, Text(words))
+    for i, step in enumerate(fi.get("updates", []), 1):
+        t.add_row(f"update {i}", f"{step['images']} good images added, {step['bank_added']} patches joined the "
+                                 f"bank, {step['seconds']:.1f} s")
     t.add_row("file size", f"{d['size_bytes'] / 1e6:.2f} MB")
     out_console.print(t)
+
+
+@app.command(cls=_Command)
+@_handles_errors
+def update(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `patchcore fit` (or an "
+                                                                    "earlier update); it is kept as it is.",
+                                               show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="New good images: files and/or folders.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The updated model file to write (a new file).",
+                                         show_default=False)],
+    device: Device = "auto",
+    skip_unreadable: SkipUnreadable = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (never MODEL).")] = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Add good images to a model without refitting: their patch features join the memory bank by the coreset's
+    rule, and the threshold is recalibrated with them (cross-fitted) for the same false-alarm rate."""
+    with _Progress(not (quiet or json_out)) as prog:
+        try:
+            summary = update_model(model_path, images, output, device=device, skip_unreadable=skip_unreadable,
+                                   overwrite=overwrite, progress=prog)
+        except ImageError as e:
+            raise _image_error_hint(e) from None
+    if json_out:
+        _emit_json(summary)
+    _print_skipped(summary["skipped"], quiet or json_out)
+    if quiet or json_out:
+        return
+    b, a = summary["before"], summary["after"]
+
+    def thr(v: float | None) -> str:
+        return "none" if v is None else f"{v:.6g}"
+
+    t = Table(title=f"updated model written: {output} (from {model_path}, kept)", title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_row("good images fitted", str(b["n_images"]), str(a["n_images"]))
+    t.add_row("memory bank (patches)", str(b["bank_size"]), str(a["bank_size"]))
+    t.add_row("calibration images", str(b["n_calibration"]), str(a["n_calibration"]))
+    t.add_row("threshold", thr(b["threshold"]), thr(a["threshold"]))
+    out_console.print(t)
+    rows = [("added", f"{summary['n_added']} of {summary['n_given']} images; {summary['bank_added']} patches "
+                      f"joined the bank"),
+            ("threshold", summary["threshold_source"]), ("guarantee", summary["guarantee"] or "none"),
+            ("time", f"{summary['seconds']:.1f} s")]
+    if summary["suspects_in_words"]:
+        rows.insert(2, ("look defective", summary["suspects_in_words"]))
+    t2 = Table(show_header=False, box=None)
+    t2.add_column(style="bold")
+    t2.add_column()
+    for k, v in rows:
+        t2.add_row(k, Text(str(v)))
+    out_console.print(t2)
 
 
 @app.command("export", cls=_Command)

@@ -60,12 +60,14 @@ def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0, chu
 
 
 def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
-                   method: str = "auto") -> torch.Tensor:
+                   method: str = "auto", initial: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center, starting from a seeded random point.
 
     Each step adds the point farthest from the current selection. ``method``: "plain" (the textbook loop),
     "lazy" (:func:`lazy_greedy`, the same selection computed lazily in k-means cells) or "auto" (plain up to
     PLAIN_MAX points, where its passes stay in the CPU cache, lazy above); all give the same selection.
+    ``initial``: each point's distance to centres chosen before, elsewhere (a fitted bank that new points
+    join); the selection then continues from them instead of starting at a random point.
     """
     z = z.float().contiguous()
     N = len(z)
@@ -73,9 +75,11 @@ def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | 
         raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
     if method not in ("auto", "plain", "lazy"):
         raise ValueError(f"method must be auto, plain or lazy, got {method!r}")
+    if initial is not None and initial.shape != (N,):
+        raise ValueError(f"initial must hold one distance per point ({N}), got shape {tuple(initial.shape)}")
     if method == "plain" or (method == "auto" and N <= PLAIN_MAX):
-        return _plain_greedy(z, n, _seeded_start(N, seed), progress)
-    return lazy_greedy(z, n, seed, progress)
+        return _plain_greedy(z, n, _seeded_start(N, seed), progress, initial)
+    return lazy_greedy(z, n, seed, progress, initial=initial)
 
 
 def _seeded_start(n: int, seed: int) -> int:
@@ -83,9 +87,10 @@ def _seeded_start(n: int, seed: int) -> int:
     return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
-def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None) -> torch.Tensor:
+def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None,
+                  initial: torch.Tensor | None = None) -> torch.Tensor:
     """The textbook loop, one pass over all points per selected centre: one :class:`_Cell` run to n centres."""
-    loop = _Cell(z, start)
+    loop = _Cell(z, start, initial)
     step = max(1, n // 100)
     while len(loop.chosen) < n:
         loop.run(float("-inf"), limit=min(n, len(loop.chosen) + step))
@@ -209,13 +214,17 @@ class _Cell:
     """The plain greedy loop over points ``z``, starting at ``start``, resumable, recording each centre's
     distance to the centres chosen before it (the coverage radius just before it was added)."""
 
-    def __init__(self, z: torch.Tensor, start: int) -> None:
+    def __init__(self, z: torch.Tensor, start: int, initial: torch.Tensor | None = None) -> None:
         self.z = z.contiguous()
         self.sq = (self.z * self.z).sum(1)
-        self.mind = torch.full((len(z),), float("inf"))
         self.buf = torch.empty(len(z))
-        self.next = start
-        self.next_dist = float("inf")
+        if initial is None:
+            self.mind = torch.full((len(z),), float("inf"))
+            self.next, self.next_dist = start, float("inf")
+        else:  # continuing a selection made elsewhere: the farthest point from it comes first
+            self.mind = initial.float().square()
+            self.next = int(self.mind.argmax())
+            self.next_dist = float(initial[self.next])
         self.chosen: list[int] = []
         self.dist: list[float] = []
         self.heard: _Heard | None = None  # other cells' centres, when the cells exchange them
@@ -412,7 +421,7 @@ LAZY_CELL = 1600
 
 
 def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
-                cell_size: int = LAZY_CELL) -> torch.Tensor:
+                cell_size: int = LAZY_CELL, initial: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of ``n`` points of ``z`` (N, d) chosen by exact greedy k-center from the seeded start that
     :func:`greedy_coreset` uses: the same selection (up to float ties), computed lazily.
 
@@ -424,6 +433,7 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
     is now too far to matter; if it still holds the largest bound, its farthest point is the farthest point of
     all. Most cells are updated rarely, in large batches, against few centres: on screw x 800 (819k points,
     82k centres) it computes 8 % of the distances of the plain loop, in 42 s instead of 38 min, one core.
+    ``initial``: as for :func:`greedy_coreset`, each point's distance to centres chosen before.
     """
     z = z.float().contiguous()
     N = len(z)
@@ -443,8 +453,13 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
     cell_of, where = np.empty(N, dtype=np.int64), np.empty(N, dtype=np.int64)
     for a, m in enumerate(members):
         cell_of[m], where[m] = a, np.arange(len(m))
-    mind = [np.full(len(m), np.inf, dtype=np.float32) for m in members]
-    bound = np.full(K, np.inf, dtype=np.float32)  # each cell's largest distance to the selection, or more
+    if initial is None:
+        mind = [np.full(len(m), np.inf, dtype=np.float32) for m in members]
+        bound = np.full(K, np.inf, dtype=np.float32)  # each cell's largest distance to the selection, or more
+    else:
+        before = initial.float().numpy()
+        mind = [np.ascontiguousarray(before[m]) for m in members]
+        bound = np.array([d.max() for d in mind], dtype=np.float32)
     noted: list[list[int]] = [[] for _ in range(K)]  # centres that might reach the cell since its update
     noted_lb: list[list[float]] = [[] for _ in range(K)]
     centres = np.empty((n, zn.shape[1]), dtype=np.float32)
@@ -465,8 +480,11 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
             noted[b].append(i)
             noted_lb[b].append(float(lb[b]))
 
-    add(0, start)
-    for i in range(1, n):
+    first = 0
+    if initial is None:
+        add(0, start)
+        first = 1
+    for i in range(first, n):
         while True:
             a = int(bound.argmax())
             if not noted[a]:

@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = ["RESULT_FILES", "GOOD_FOLDER_NAMES", "Progress", "good_images", "collect_images", "output_names",
            "folder_labels", "check_model_path", "check_out_parent", "check_out_dir", "clear_results",
-           "prepare_out_dir", "results_folder", "skip_reason", "skipped_rows", "fit_folder", "score_files",
+           "prepare_out_dir", "results_folder", "skip_reason", "skipped_rows", "fit_folder", "update_model",
+           "score_files",
            "predict_summary", "write_summary_csv", "finish_predict", "read_result_map", "write_predict_report",
            "predict_folder"]
 
@@ -287,7 +288,7 @@ def fit_folder(data: str | os.PathLike, output: str | os.PathLike, params: dict[
     model.save(output, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     info = model.fit_info_
-    from .report import input_in_words
+    from .report import input_in_words, left_out_in_words, suspects_in_words
 
     return {
         "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
@@ -303,8 +304,48 @@ def fit_folder(data: str | os.PathLike, output: str | os.PathLike, params: dict[
         "good_score_max": cal.max, "seconds": seconds, "calibration_seconds": info.get("calibration_seconds"),
         "params": model.get_params(),
         "threshold_source": describe_threshold(cal_dict, False), "guarantee": cal.statement,
+        "suspects": cal_dict.get("suspects") or [], "suspects_in_words": suspects_in_words(cal_dict),
+        "left_out": cal_dict.get("left_out") or [], "left_out_in_words": left_out_in_words(cal_dict),
         "skipped": skipped_rows(skipped),
         "warning": None if cal.resolved or cal.threshold_from == "f1" else cal.statement,
+    }
+
+
+def update_model(model_path: str | os.PathLike, images: Sequence[str | os.PathLike], output: str | os.PathLike, *,
+                 device: str = "auto", skip_unreadable: bool = False, overwrite: bool = False,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Add the good images in ``images`` (files and folders) to the model at ``model_path`` without refitting
+    (:meth:`patchcore.PatchCore.update`) and write the result to ``output``, a new file: the old model is kept.
+    Returns the summary (what ``patchcore update --json`` prints)."""
+    model_path, output = Path(model_path), Path(output)
+    if not model_path.is_file():
+        raise PatchCoreError(f"{model_path}: no such model file")
+    if output.exists() and output.resolve() == model_path.resolve():
+        raise PatchCoreError(f"{output} is the model being updated; write the updated model to a new file "
+                             f"(the old one is kept, to go back to)")
+    check_model_path(output, overwrite)
+    files = collect_images(images)
+    if not skip_unreadable:
+        check_headers(files)
+    t0 = time.perf_counter()
+    model = load_model(model_path, device=device)
+    before = {"n_images": int(model.fit_info_["n_images"]), "bank_size": int(model.fit_info_["bank_size"]),
+              "threshold": model.threshold_, "n_calibration": int((model.calibration_ or {}).get("n", 0))}
+    model.update(files, skip_unreadable=skip_unreadable, progress=progress)
+    model.save(output, overwrite=overwrite)
+    info, cal = model.fit_info_, dict(model.calibration_ or {})
+    from .report import suspects_in_words
+
+    return {
+        "model": str(output), "from_model": str(model_path), "n_given": len(files),
+        "n_added": int(info["updates"][-1]["images"]), "bank_added": int(info["updates"][-1]["bank_added"]),
+        "before": before,
+        "after": {"n_images": int(info["n_images"]), "bank_size": int(info["bank_size"]),
+                  "threshold": model.threshold_, "n_calibration": int(cal.get("n", 0))},
+        "threshold_source": describe_threshold(cal, False), "guarantee": cal.get("statement"),
+        "calibration_source": cal.get("source"), "suspects": cal.get("suspects") or [],
+        "suspects_in_words": suspects_in_words(cal), "skipped": skipped_rows(model.skipped_),
+        "seconds": time.perf_counter() - t0, "update_seconds": float(info["updates"][-1]["seconds"]),
     }
 
 

@@ -31,7 +31,15 @@ from .devices import apply_torch_threads
 from .errors import ImageError, ModelFileError, NotFittedError, PatchCoreError
 from .features import FeatureExtractor
 from .fitting import FitPlan, Progress
-from .thresholds import Calibration, calibrate, calibrate_scores
+from .thresholds import Calibration, calibrate, calibrate_scores, suspects
+
+# What a calibration keeps about the images it was made on, through recalibration and updates.
+_CALIBRATION_RECORD = ("folds", "images", "left_out", "updates")
+
+
+def _short_name(name: str) -> str:
+    """An image's name as a model file records it: its folder and file name, without the machine's path."""
+    return "/".join(Path(name).parts[-2:]) if ("/" in name or os.sep in name) else name
 
 
 class PatchCore:
@@ -74,6 +82,10 @@ class PatchCore:
     target_far: the false-alarm rate on good images that the threshold is calibrated for (see thresholds).
     calibration_folds: k of the k-fold cross-fitting that gives every good image of the fit a calibration
         score (0 or 1: fit without a threshold; calibrate later with :meth:`calibrate`).
+    leave_out_suspects: the cross-fit scores every good image against a bank built without it, so a defective
+        part hidden among the good images stands out (:func:`patchcore.thresholds.suspects`, listed in
+        ``calibration_["suspects"]`` by every fit); with True, the fit then selects its banks and calibrates
+        again without those images (listed in ``calibration_["left_out"]``), for up to twice the fit time.
     seed: makes projection and coreset start, hence the whole model, deterministic.
     device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     batch_size: images per forward pass.
@@ -100,7 +112,8 @@ class PatchCore:
                  keep_aspect: bool | None = None, tile_size: int | None = 1024,
                  rotations: tuple[int, ...] | None = None, border_pad: int | None = None,
                  coreset_ratio: float = 0.1, num_neighbors: int = 9, sigma: float = 4.0, target_far: float = 0.01,
-                 calibration_folds: int = 5, seed: int = 0, device: str = "auto", batch_size: int = 8,
+                 calibration_folds: int = 5, leave_out_suspects: bool = False, seed: int = 0,
+                 device: str = "auto", batch_size: int = 8,
                  backbone_weights: str | os.PathLike | None = None, layers: tuple[str, ...] | None = None,
                  normalization: str = "auto", target_dim: int = 1024, storage_dtype: str = "float32",
                  calibration_max_images: int | None = 256, n_jobs: int | None = None,
@@ -118,6 +131,7 @@ class PatchCore:
         self.sigma = sigma
         self.target_far = target_far
         self.calibration_folds = calibration_folds
+        self.leave_out_suspects = leave_out_suspects
         self.seed = seed
         self.device = device
         self.batch_size = batch_size
@@ -390,22 +404,44 @@ class PatchCore:
         items = as_items(images)
         self.set_geometry(self.input_size_for(items, skip_unreadable), self.channels_for(items, skip_unreadable))
         feats, sizes = self.extract(items, skip_unreadable, progress, turned=True)
+        names = self._kept_names(items)
         t1 = time.perf_counter()
         n_img, n_turns, h, w, d = feats.shape
         folds = plan.folds(n_img)
         bank, fold_banks, n_parts = plan.select_banks(feats, progress)
-        t2 = time.perf_counter()
         # New images are scored as they come, so the calibration scores the images unturned.
         cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress) if folds >= 2 else None
+        left_out: list[list] = []
+        if cross is not None and self.leave_out_suspects:
+            order = plan.scored_order(n_img, folds)
+            bad = sorted(order[i] for i in suspects(cross[0]))
+            if bad and n_img - len(bad) >= max(2, folds):
+                left_out = [[names[order[i]], cross[0][i]] for i in suspects(cross[0])]
+                keep = np.setdiff1d(np.arange(n_img), bad)
+                feats, sizes = feats[torch.from_numpy(keep)], [sizes[i] for i in keep]
+                names, n_img = [names[i] for i in keep], len(keep)
+                folds = plan.folds(n_img)
+                bank, fold_banks, n_parts = plan.select_banks(feats, progress)
+                cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress)
+        t2 = time.perf_counter()
+        record = {"images": [names[i] for i in plan.scored_order(n_img, folds)]} if cross is not None else {}
+        if left_out:
+            record["left_out"] = left_out
         return self.set_fitted(bank, {
             "n_images": n_img, "n_features": n_img * n_turns * h * w, "feature_dim": int(d), "grid": [h, w],
             "turns": n_turns, "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": self.sampler.shard_by,
-            "coreset_seconds": t2 - t1, "skipped": len(self.skipped_)}, cross, folds, t0, t2)
+            "coreset_seconds": t2 - t1, "skipped": len(self.skipped_)}, cross, folds, t0, t2, record)
+
+    def _kept_names(self, items: list[Item]) -> list[str]:
+        """The names of ``items`` that were read (not in ``skipped_``), as the model records them."""
+        skipped = {n for n, _ in self.skipped_}
+        return [_short_name(it.name) for it in items if it.name not in skipped]
 
     def set_fitted(self, bank: np.ndarray, info: dict[str, Any], cross: tuple[list[float], list[float]] | None,
-                   folds: int, started: float, selected: float) -> PatchCore:
+                   folds: int, started: float, selected: float, record: dict[str, Any] | None = None) -> PatchCore:
         """Set the fitted state from the bank and, when cross-fitted, the calibration scores (and map maxima);
-        ``started`` and ``selected`` are the perf_counter times the fit began and its banks were selected.
+        ``started`` and ``selected`` are the perf_counter times the fit began and its banks were selected;
+        ``record``: what the calibration keeps about its images (their names, those left out).
         :meth:`fit` and :func:`patchcore.distributed.fit_on_ray` (which computes both on workers) end here."""
         self._bank, self._search = bank, None
         self._fingerprint = self.network().fingerprint
@@ -418,7 +454,8 @@ class PatchCore:
             cal = calibrate_scores(scores, self.target_far, map_maxima=maxima,
                                    source=f"{folds}-fold cross-fit on {len(scores)} of the {info['n_images']} "
                                           f"fitted images")
-            cal.extra.update(folds=folds)
+            cal.extra.update(folds=folds, **(record or {}))
+            cal.extra["suspects"] = self._suspects(cal.scores, cal.extra.get("images"))
             cal.apply(self)
             self._info["calibration_seconds"] = time.perf_counter() - selected
             self._info["fit_seconds"] = time.perf_counter() - started
@@ -457,9 +494,78 @@ class PatchCore:
             p.score for p in self.predict(defect_images, skip_unreadable=skip_unreadable, progress=progress)]
         cal = calibrate_scores(prev["scores"], far, method, map_maxima=prev.get("map_maxima"),
                                defect_scores=defects, threshold_from=threshold_from, source=prev.get("source", "fit"))
-        cal.extra.update({k: prev[k] for k in ("folds",) if k in prev})
+        cal.extra.update({k: prev[k] for k in _CALIBRATION_RECORD if k in prev})
+        cal.extra["suspects"] = self._suspects(cal.scores, cal.extra.get("images"))
         cal.apply(self)
         return cal
+
+    @staticmethod
+    def _suspects(scores: list[float], names: list[str] | None) -> list[list]:
+        """[name, score] of the calibration images that look defective (:func:`patchcore.thresholds.suspects`),
+        highest first; names are "#i" (the i-th calibration score) where the model did not record them."""
+        if names is None or len(names) != len(scores):
+            names = [f"#{i}" for i in range(len(scores))]
+        return [[names[i], float(scores[i])] for i in suspects(scores)]
+
+    # ----------------------------------------------------------------------------------------- update
+    def update(self, images: ImagesLike, skip_unreadable: bool = False,
+               progress: Progress | None = None) -> PatchCore:
+        """Add good images to the fitted model without refitting; returns self.
+
+        Their patch features join the memory bank by the coreset's rule, continued from the bank
+        (:meth:`patchcore.fitting.FitPlan.grow`: as many as a fit would keep of them, the farthest from what
+        the bank already covers first), so time grows with the images added, not with those fitted before.
+
+        The threshold is recalibrated with the same guarantee as a fit's. The new images are split into the
+        calibration's folds; each is scored against the bank grown by the other folds' new images only (as a
+        fit cross-fits), and these honest scores join the calibration's earlier ones, which were scored
+        against banks without the new images' features: a bank that only grows can only lower a good image's
+        distances, so the earlier scores err on the side of fewer false alarms. The conformal threshold is then
+        taken over all of them, at the calibration's target rate and method. A calibration from defect images
+        (``threshold_from="f1"``) falls back to the false-alarm threshold: its defect scores were made against
+        the old bank. A model without calibration scores is updated without a threshold.
+        """
+        self._require()
+        self.check_params()
+        plan = self.fit_plan()
+        t0 = time.perf_counter()
+        items = as_items(images)
+        self.skipped_ = []
+        feats, sizes = self.extract(items, skip_unreadable, progress, turned=True)
+        names = self._kept_names(items)
+        n_img, n_turns, h, w, d = feats.shape
+        if n_turns != int(self._info.get("turns", 1)) or d != self._bank.shape[1]:
+            raise ModelFileError(f"the new images' features ({n_turns} turns x {d}) do not match the model's "
+                                 f"({self._info.get('turns', 1)} turns x {self._bank.shape[1]})")
+        prev = dict(self.calibration_ or {})
+        folds = max(1, min(int(prev.get("folds") or self.calibration_folds or 1), n_img)) if prev.get("scores") else 0
+        before = len(self._bank)
+        bank, fold_banks = plan.grow_banks(self._bank, feats, folds)
+        t1 = time.perf_counter()
+        cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress) if folds else None
+        self._bank, self._search = bank, None
+        step = {"images": n_img, "bank_added": len(bank) - before, "skipped": len(self.skipped_),
+                "seconds": time.perf_counter() - t0, "select_seconds": t1 - t0}
+        self._info.update(n_images=int(self._info["n_images"]) + n_img,
+                          n_features=int(self._info["n_features"]) + n_img * n_turns * h * w,
+                          bank_size=len(bank), updates=list(self._info.get("updates", [])) + [step])
+        if cross is None:
+            self.threshold_, self.calibration_ = None, {}
+            return self
+        old_names = prev.get("images")
+        scored = [names[i] for i in plan.scored_order(n_img, folds)]
+        cal = calibrate_scores(
+            list(prev["scores"]) + cross[0], prev.get("target_far", self.target_far), prev.get("method", "conformal"),
+            map_maxima=list(prev.get("map_maxima") or prev["scores"]) + cross[1],
+            source=f"{prev.get('source', 'fit')}; {len(cross[0])} added image(s) scored in {folds} fold(s) "
+                   f"against the bank grown without them")
+        cal.extra.update({k: prev[k] for k in _CALIBRATION_RECORD if k in prev})
+        cal.extra["images"] = (old_names + scored) if old_names and len(old_names) == len(prev["scores"]) else None
+        cal.extra["updates"] = list(prev.get("updates", [])) + [{"images": n_img, "scored": len(scored),
+                                                                 "folds": folds}]
+        cal.extra["suspects"] = self._suspects(cal.scores, cal.extra["images"])
+        cal.apply(self)
+        return self
 
     # ---------------------------------------------------------------------------------------- fitted
     @property

@@ -339,7 +339,8 @@ SETTING_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "sco
                   "shard_features": "most features selected in one piece", "shard_by": "large selections split by",
                   "cell_exchange": "coreset cells exchange centres", "exact_bank": "exact bank selection",
                   "storage_dtype": "feature storage while fitting", "image_size": "network input, shorter side (px)",
-                  "scale": "network pixels per image pixel", "keep_aspect": "aspect ratio kept"}
+                  "scale": "network pixels per image pixel", "keep_aspect": "aspect ratio kept",
+                  "leave_out_suspects": "training images that look defective left out"}
 
 
 def words(value: Any) -> str:
@@ -385,3 +386,25 @@ def write_report(path: str | os.PathLike, page: str, overwrite: bool = False) ->
     if path.exists() and not overwrite:
         raise PatchCoreError(f"{path} already exists; choose another name or pass --overwrite")
     return atomic_write_text(path, page)
+
+
+def suspects_in_words(calibration: dict[str, Any], limit: int = 5) -> str | None:
+    """The training images whose cross-fitted score looks defective, for people (None when there are none):
+    how many, and the first ``limit`` with their score as a multiple of the median calibration score."""
+    found = calibration.get("suspects") or []
+    if not found:
+        return None
+    median = float(np.median(calibration["scores"])) if calibration.get("scores") else 0.0
+    shown = ", ".join(f"{name} ({score / median:.2f}x the median)" if median > 0 else f"{name} ({score:.4g})"
+                      for name, score in found[:limit])
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return (f"{len(found)} of {calibration.get('n', '?')} scored far above the others (Tukey's far-out fence): "
+            f"{shown}{more}; look at them, and refit without the defective ones (--leave-out-suspects)")
+
+
+def left_out_in_words(calibration: dict[str, Any]) -> str | None:
+    """The training images a fit left out as defective-looking, for people (None when none were)."""
+    gone = calibration.get("left_out") or []
+    if not gone:
+        return None
+    return f"{len(gone)}: " + ", ".join(name for name, _ in gone[:10]) + (" ..." if len(gone) > 10 else "")

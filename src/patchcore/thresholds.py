@@ -48,7 +48,7 @@ from scipy.stats import norm
 
 from .errors import PatchCoreError
 
-__all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "threshold_for_far"]
+__all__ = ["Calibration", "METHODS", "calibrate", "calibrate_scores", "f1_threshold", "suspects", "threshold_for_far"]
 
 METHODS = ("conformal", "gaussian")
 _ALIASES = {"quantile": "conformal"}  # the name of the default rule before it became split-conformal
@@ -142,6 +142,26 @@ def guarantee(n: int, target_far: float, method: str, resolved: bool) -> tuple[f
     return 1.0 / (n + 1), (f"{n} good calibration images can guarantee a false-alarm rate of at most "
                            f"{1.0 / (n + 1):.2%}, not the {target_far:.2%} asked for, which needs at least "
                            f"{need} good images.")
+
+
+# Tukey's "far out" fence: a cross-fitted score above Q3 + 3 IQR of the others. On clean training sets it lists
+# 1-2 of 209 bottle and 1 of 255 screw images (docs/benchmarks.md, section 17), few enough to look at.
+SUSPECT_FENCE = 3.0
+SUSPECT_MIN_IMAGES = 8
+
+
+def suspects(scores: Sequence[float], fence: float = SUSPECT_FENCE) -> list[int]:
+    """Positions of the calibration scores far above the others (above Q3 + ``fence`` x IQR), highest first.
+
+    Cross-fitted scores come from banks built without the scored image, so a defective part hidden among the
+    good images scores as a defect would, while the good ones score as new good parts do: the audit of a
+    training set. Needs at least SUSPECT_MIN_IMAGES scores (none listed below that)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size < SUSPECT_MIN_IMAGES:
+        return []
+    q1, q3 = np.percentile(s, [25, 75])
+    out = np.flatnonzero(s > q3 + fence * (q3 - q1))
+    return [int(i) for i in out[np.argsort(-s[out], kind="stable")]]
 
 
 def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:

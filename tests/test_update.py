@@ -1,0 +1,146 @@
+"""Models that live on: adding good images without refitting (PatchCore.update, patchcore update), and the audit
+of the training set (suspects in the cross-fitted scores, and the fit that leaves them out)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from patchcore import PatchCore
+from patchcore.cli import app
+from patchcore.core.imagefiles import read_image
+from patchcore.coreset import coreset_size, greedy_coreset
+from patchcore.thresholds import suspects
+
+SMALL = dict(image_size=160, coreset_ratio=0.05, calibration_folds=3, target_far=0.1, device="cpu")
+
+
+def goods(bottle, n, start=0):
+    return sorted((bottle / "train" / "good").glob("*.png"))[start:start + n]
+
+
+@pytest.mark.parametrize("method", ["plain", "lazy"])
+def test_a_selection_continued_from_its_first_centres_is_the_selection_in_one_go(method):
+    z = torch_randn(4000, 16)
+    whole = greedy_coreset(z, 300, seed=3, method="plain")
+    first = whole[:120]
+    distance = (z[:, None, :] - z[first][None]).pow(2).sum(-1).min(1).values.sqrt()
+    rest = greedy_coreset(z, 180, seed=3, method=method, initial=distance)
+    assert rest.tolist() == whole[120:].tolist()
+
+
+def torch_randn(*shape):
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_update_grows_the_bank_by_a_fits_share_and_recalibrates_honestly(bottle):
+    model = PatchCore(**SMALL).fit(goods(bottle, 12))
+    old_bank, old_cal = model.memory_bank_.copy(), dict(model.calibration_)
+    h, w = model.fit_info_["grid"]
+    new = goods(bottle, 6, start=100)
+    model.update(new)
+    bank = model.memory_bank_
+    # The old bank is kept as it was; the new images add the share a fit would keep of their features.
+    np.testing.assert_array_equal(bank[:len(old_bank)], old_bank)
+    assert len(bank) - len(old_bank) == coreset_size(6 * h * w, SMALL["coreset_ratio"])
+    info = model.fit_info_
+    assert info["n_images"] == 18 and info["bank_size"] == len(bank) and info["updates"][0]["images"] == 6
+    cal = model.calibration_
+    assert cal["n"] == old_cal["n"] + 6 and cal["scores"][:old_cal["n"]] == old_cal["scores"]
+    assert cal["target_far"] == old_cal["target_far"] and cal["method"] == old_cal["method"]
+    assert cal["images"][-6:] and all(name.startswith("good/") for name in cal["images"])
+    # Each new calibration score comes from a bank without that image: higher than its in-bank score.
+    new_scores = dict(zip(cal["images"][-6:], cal["scores"][-6:]))
+    in_bank = dict(zip([f"good/{p.name}" for p in new], model.score_samples(new)))
+    assert all(new_scores[name] > in_bank[name] for name in new_scores)
+    # The threshold is the conformal rank of all the scores, old and new.
+    k = int(np.ceil((cal["n"] + 1) * (1 - cal["target_far"])))
+    assert model.threshold_ == pytest.approx(sorted(cal["scores"])[k - 1], rel=1e-9)
+
+
+def test_update_teaches_a_new_variant_of_good_part(bottle, tmp_path):
+    """Good bottles seen darker (a new lighting): alarms before the update, accepted after it."""
+    model = PatchCore(**SMALL).fit(goods(bottle, 12))
+    dark = [(read_image(p).astype(np.float32) * 0.55).astype(np.uint8) for p in goods(bottle, 10, start=150)]
+    before = np.array([p.score for p in model.predict(dark[5:])])
+    assert (before >= model.threshold_).all()
+    model.update(dark[:5])
+    after = np.array([p.score for p in model.predict(dark[5:])])
+    assert (after < model.threshold_).all() and (after < before).all()
+    # The bottles as they were are still accepted.
+    assert (model.score_samples(goods(bottle, 4, start=60)) < model.threshold_).all()
+    # And the file keeps what happened.
+    back = PatchCore.load(model.save(tmp_path / "m.safetensors"))
+    assert back.fit_info_["updates"] == model.fit_info_["updates"] and back.threshold_ == model.threshold_
+
+
+def test_update_refuses_what_the_model_cannot_take(bottle, tmp_path):
+    model = PatchCore(**SMALL).fit(goods(bottle, 8))
+    bank = model.memory_bank_.copy()
+    gray = read_image(goods(bottle, 1, start=50)[0]).mean(2).astype(np.uint8)
+    with pytest.raises(Exception, match="grayscale"):
+        model.update([gray])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(Exception, match="broken.png"):
+        model.update([bad])
+    np.testing.assert_array_equal(model.memory_bank_, bank)  # nothing changed by a failed update
+    model.update([bad] + goods(bottle, 2, start=50), skip_unreadable=True)
+    assert model.fit_info_["updates"][0]["images"] == 2 and model.skipped_[0][0].endswith("broken.png")
+    with pytest.raises(Exception, match="not fitted"):
+        PatchCore(**SMALL).update(goods(bottle, 2))
+
+
+def test_update_of_a_model_without_calibration_keeps_it_without_threshold(bottle):
+    model = PatchCore(**{**SMALL, "calibration_folds": 0}).fit(goods(bottle, 6))
+    model.update(goods(bottle, 2, start=40))
+    assert model.threshold_ is None and model.fit_info_["n_images"] == 8
+
+
+def test_update_command_writes_a_new_file_and_keeps_the_old(bottle, tmp_path):
+    old = PatchCore(**SMALL).fit(goods(bottle, 8)).save(tmp_path / "m.safetensors")
+    digest = hashlib.sha256(old.read_bytes()).hexdigest()
+    runner = CliRunner()
+    same = runner.invoke(app, ["update", str(old), str(goods(bottle, 1, start=30)[0]), "-o", str(old)])
+    assert same.exit_code == 1 and "the model being updated" in same.output and "Traceback" not in same.output
+    r = runner.invoke(app, ["update", str(old), *map(str, goods(bottle, 3, start=30)), "-o",
+                            str(tmp_path / "m2.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert hashlib.sha256(old.read_bytes()).hexdigest() == digest
+    summary = __import__("json").loads(r.stdout)
+    assert summary["n_added"] == 3 and summary["after"]["n_images"] == 11 and summary["before"]["n_images"] == 8
+    assert summary["after"]["bank_size"] > summary["before"]["bank_size"]
+    assert PatchCore.load(tmp_path / "m2.safetensors").fit_info_["n_images"] == 11
+    again = runner.invoke(app, ["update", str(old), str(goods(bottle, 1, start=30)[0]), "-o",
+                                str(tmp_path / "m2.safetensors")])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_suspects_are_the_scores_far_above_the_others():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(10.0, 0.5, 200)
+    assert len(suspects(clean)) <= 2
+    planted = np.concatenate([clean, [16.0, 14.0]])
+    assert suspects(planted)[:2] == [200, 201]  # highest first
+    assert suspects([1.0, 9.0, 2.0]) == []  # too few scores to tell
+
+
+def test_fit_lists_a_defective_image_hidden_among_the_good_and_can_leave_it_out(bottle, tmp_path):
+    hidden = tmp_path / "good"
+    hidden.mkdir()
+    for p in goods(bottle, 14):
+        (hidden / p.name).symlink_to(p.resolve())
+    defect = sorted((bottle / "test" / "broken_large").glob("*.png"))[0]
+    (hidden / "zz_planted.png").symlink_to(defect.resolve())
+    model = PatchCore(**SMALL).fit(hidden)
+    cal = model.calibration_
+    assert cal["suspects"] and cal["suspects"][0][0] == "good/zz_planted.png"
+    robust = PatchCore(**SMALL, leave_out_suspects=True).fit(hidden)
+    assert [name for name, _ in robust.calibration_["left_out"]] == [n for n, _ in cal["suspects"]]
+    assert robust.fit_info_["n_images"] == 15 - len(cal["suspects"])
+    assert "good/zz_planted.png" not in robust.calibration_["images"]
+    # Left out, the defect is scored as a defect again.
+    assert robust.score_samples([defect])[0] > robust.threshold_ > model.score_samples([defect])[0]
