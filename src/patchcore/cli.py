@@ -573,6 +573,9 @@ def _print_predictions(rows: list[dict[str, Any]], summary: dict[str, Any], outp
     out_console.print(f"{summary['n_images']} images: [bold red]{summary['n_anomalous']} anomalous[/], "
                       f"[green]{summary['n_good']} good[/] at threshold {summary['threshold']:.6g} "
                       f"({escape(summary['threshold_source'])}); results in {escape(str(output))}", markup=True)
+    if summary.get("drift_in_words"):
+        style = "bold yellow" if summary["drift"]["drifting"] else "dim"
+        out_console.print(Text(f"against the calibration: {summary['drift_in_words']}", style=style))
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -873,6 +876,60 @@ def update(
     out_console.print(t2)
 
 
+@app.command("versions", cls=_Command)
+@_handles_errors
+def versions_cmd(
+    models_dir: Annotated[Path, typer.Argument(metavar="MODELS_DIR", help="The folder `patchcore serve` serves.",
+                                               show_default=False)],
+    name: Annotated[str, typer.Argument(help="The model's name (its file stem).", show_default=False)],
+    json_out: JsonOut = False,
+) -> None:
+    """List the versions kept of a served model (the service keeps each one it serves)."""
+    from . import versions as v
+
+    kept = v.list_versions(models_dir, name)
+    current = v.served_path(models_dir, name) if models_dir.is_dir() else None
+    now = v.content_hash(current) if current is not None else None
+    rows = [{"version": x.number, "sha256": x.sha256, "recorded_at": x.recorded_at, "source": x.source,
+             "in_place": x.sha256 == now} for x in kept]
+    if json_out:
+        _emit_json({"models_dir": str(models_dir), "name": name, "versions": rows})
+        return
+    if not rows:
+        raise CliError(f"{models_dir}: no versions kept of {name!r} (the service keeps each model it serves)")
+    import datetime as dt
+
+    t = Table(title=f"versions of {name}", title_justify="left")
+    for col in ("version", "kept since", "sha256", "what", "in place"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["version"]), dt.datetime.fromtimestamp(r["recorded_at"]).strftime("%Y-%m-%d %H:%M:%S"),
+                  r["sha256"][:12], r["source"], "yes" if r["in_place"] else "")
+    out_console.print(t)
+
+
+@app.command(cls=_Command)
+@_handles_errors
+def rollback(
+    models_dir: Annotated[Path, typer.Argument(metavar="MODELS_DIR", help="The folder `patchcore serve` serves.",
+                                               show_default=False)],
+    name: Annotated[str, typer.Argument(help="The model's name (its file stem).", show_default=False)],
+    to: Annotated[Optional[int], typer.Option(help="Put back this version (see `patchcore versions`) instead of "
+                                                   "the one before the model in place.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Put back the previous version of a served model; the service serves it after its next scan."""
+    from . import versions as v
+
+    if not models_dir.is_dir():
+        raise CliError(f"{models_dir}: no such folder")
+    chosen, replaced = v.rollback(models_dir, name, to)
+    if not quiet:
+        out_console.print(Text(f"{name}: version {chosen.number} put back in place of version {replaced.number} "
+                               f"(kept; `patchcore rollback {models_dir} {name} --to {replaced.number}` undoes "
+                               f"this)"))
+
+
 @app.command("export", cls=_Command)
 @_handles_errors
 def export_cmd(
@@ -966,6 +1023,12 @@ def serve(
                                                         "replaced model files.")] = 2.0,
     device: Device = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn's log level: debug, info, warning, error.")] = "info",
+    feedback_images: Annotated[int, typer.Option(
+        help="Recent uploads held (at most 256 MB of them) for the operator's verdict, POST "
+             "/v1/models/NAME:feedback with the prediction's id (0: none held).")] = 256,
+    keep_versions: Annotated[int, typer.Option(
+        help="Versions kept of every model served, in MODELS_DIR/.versions (0: none; `patchcore rollback` "
+             "needs them).")] = 10,
     threads: Annotated[Optional[int], typer.Option(
         help="Threads each scorer's network uses (torch, onnxruntime, BLAS); default 1, or PATCHCORE_THREADS. "
              "One thread a scorer kept latency steady beside other work (docs/benchmarks.md, section 15); "
@@ -976,6 +1039,9 @@ def serve(
     POST /v1/models/NAME:predict with an image (multipart field 'image', or the raw body) answers the score,
     normalised score, verdict and threshold, as `patchcore predict` would; GET / is the web page, /docs the
     API reference, /metrics Prometheus metrics, /healthz and /readyz the health checks.
+    POST /v1/models/NAME:feedback takes the operator's verdict on a prediction (its id and the true label);
+    POST /v1/models/NAME:apply-feedback adds the images called good to the model and serves the update. Every
+    model served is kept as a version (`patchcore rollback MODELS_DIR NAME` goes back one).
     """
     import os
 
@@ -998,7 +1064,8 @@ def serve(
     settings = ServiceSettings(models_dir=models_dir, api_key=api_key or None,
                                max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                max_pixels=int(max_megapixels * 1e6), concurrency=concurrency, queue_size=queue,
-                               max_batch=max_batch, reload_interval=reload_interval, device=device)
+                               max_batch=max_batch, reload_interval=reload_interval, device=device,
+                               feedback_images=feedback_images, keep_versions=keep_versions)
     settings.check()
     from .registry import kind_of, served_paths
 

@@ -18,8 +18,8 @@ torch:
         print(p.name, p.score, p.is_anomalous)
 
 The command needs more:
-  pip install "patchcore[serve]"   patchcore serve and info for export folders (HTTP service and page; no torch)
-  pip install "patchcore[full]"    every command: fit, predict, evaluate, export, serve, info, demo
+  pip install "patchcore[serve]"   patchcore serve, versions, rollback, and info for export folders (no torch)
+  pip install "patchcore[full]"    every command: fit, update, predict, evaluate, export, serve, info, demo
 """
 
 

@@ -52,7 +52,7 @@ from .metrics import aupro, border_peak_share, f1_max, image_auroc, pixel_auroc,
 from .model import PatchCore
 
 __all__ = ["CategoryResult", "EvaluationReport", "COLUMNS", "compute_metrics", "crop_to_region",
-           "evaluate", "evaluate_dataset", "find_categories"]
+           "evaluate", "evaluate_dataset", "evaluate_model", "find_categories"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -206,6 +206,15 @@ def evaluate_dataset(dataset: Dataset, params: dict[str, Any], *, keep_maps: boo
         raise DatasetError(f"{dataset.name}: the test set is empty")
     model = PatchCore(**params)
     model.fit(list(dataset.train), progress=progress)
+    return evaluate_model(model, dataset, keep_maps=keep_maps, progress=progress), model
+
+
+def evaluate_model(model: PatchCore, dataset: Dataset, *, keep_maps: bool = True,
+                   progress: Progress | None = None) -> CategoryResult:
+    """Score ``dataset.test`` with a fitted ``model`` (however it was made: a fit, an update) and compute the
+    metrics; the fit's times are the model's own."""
+    if not dataset.test:
+        raise DatasetError(f"{dataset.name}: the test set is empty")
     info = model.fit_info_
     paths = [s.path for s in dataset.test]
     t0 = time.perf_counter()
@@ -239,7 +248,7 @@ def evaluate_dataset(dataset: Dataset, params: dict[str, Any], *, keep_maps: boo
         good_far=None if thr is None or not good else float(np.mean([scores[i] >= thr for i in good])),
         defect_recall=None if thr is None or not bad else float(np.mean([scores[i] >= thr for i in bad])),
         border_peak=border_peak_share([eval_maps[i] for i in good]) if good else None)
-    return result, model
+    return result
 
 
 def find_categories(path: str | os.PathLike, categories: Sequence[str] | None = None) -> list[Path]:

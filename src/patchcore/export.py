@@ -152,7 +152,10 @@ def export(model: PatchCore, out_dir: str | os.PathLike, images: ImagesLike | No
         "bank_size": int(bank.shape[0]), "feature_dim": int(bank.shape[1]),
         "threshold": model.threshold_,
         "pixel_threshold": (model.calibration_ or {}).get("pixel_threshold"),
-        "calibration": {k: v for k, v in (model.calibration_ or {}).items() if k not in ("scores", "map_maxima")},
+        # The scores stay (the service's drift checks compare the stream with them); the training images' names
+        # do not travel with an export.
+        "calibration": {k: v for k, v in (model.calibration_ or {}).items()
+                        if k not in ("map_maxima", "images", "suspects", "left_out")},
     }
     check = check_images((h, w)) if images is None else [a for _, a in iter_loaded(as_items(images))][:8]
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
+from .core.search import CellSearch
 from .coreset import CellRunner, CoresetSampler, coreset_size, greedy_coreset, random_projection, shard_coresets
 from .errors import PatchCoreError
 
@@ -139,39 +139,16 @@ class FitPlan:
         greedy k-center selection continued from the bank, on the fit's seeded projection (the new feature
         farthest from the bank and from those already added first), ``coreset_ratio`` of them, as many as a
         fit would keep of them. Features the bank already covers well are never the farthest, so a new
-        variant's features get the places. Time grows with the new features (and the bank, for the first
-        distances), not with the images fitted before."""
+        variant's features get the places. Each new feature's distance to the bank comes from the exact cell
+        search (:mod:`patchcore.core.search`), so time grows with the new features, not with the bank."""
         n_keep = self.n_keep(len(feats))
         if n_keep >= len(feats):
             return torch.arange(len(feats))
         dim = self.sampler.projection_dim
         z = random_projection(feats, dim, self.seed)
-        zb = np.ascontiguousarray(random_projection(torch.from_numpy(bank), dim, self.seed).numpy())
-        index = faiss.IndexFlatL2(zb.shape[1])
-        index.add(zb)
-        d2, _ = index.search(np.ascontiguousarray(z.numpy()), 1)
-        initial = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0)))
-        return greedy_coreset(z, n_keep, seed=self.seed, initial=initial)
-
-    def grow_banks(self, bank: np.ndarray, feats: torch.Tensor, folds: int
-                   ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The bank grown by new good images' patch features ``feats`` (N, T, h, w, D) and, for the
-        calibration, per fold of the new images (``folds``, drawn by seed as a fit draws them), the bank grown
-        by the other folds' images only (the bank as it was, where there are none): each new image is then
-        scored against a bank grown the same way without it, as a fit cross-fits."""
-        n_img, n_turns, h, w, d = feats.shape
-        flat = feats.reshape(-1, d)
-        per_image = n_turns * h * w
-
-        def grown(imgs: np.ndarray) -> np.ndarray:
-            if len(imgs) == 0:
-                return bank
-            x = flat.index_select(0, torch.from_numpy((imgs[:, None] * per_image + np.arange(per_image)).ravel()))
-            return np.concatenate([bank, x.index_select(0, self.grow(bank, x)).float().numpy()])
-
-        everyone = np.arange(n_img)
-        splits = self.calibration_split(n_img, folds)[0] if folds >= 1 else []
-        return grown(everyone), [grown(np.setdiff1d(everyone, held)) for held in splits]
+        zb = random_projection(torch.from_numpy(bank), dim, self.seed).numpy()
+        initial, _, _ = CellSearch(zb, seed=self.seed).nearest(z.numpy())
+        return greedy_coreset(z, n_keep, seed=self.seed, initial=torch.from_numpy(initial))
 
     def scored_order(self, n_images: int, folds: int) -> list[int]:
         """The images :meth:`cross_fit` scores, in the order of its scores."""

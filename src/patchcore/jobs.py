@@ -422,6 +422,18 @@ def predict_summary(output: str | os.PathLike, model_path: str | os.PathLike, ro
     }
 
 
+def folder_drift(model: PatchCore, scores: Sequence[float]):
+    """The drift checks (:mod:`patchcore.core.drift`) of a folder's scores, taken as one stream, against the
+    model's calibration; None for a model without calibration scores."""
+    from .core.drift import DriftMonitor
+
+    monitor = DriftMonitor.for_calibration(model.calibration_ or {}, model.threshold_, window=max(1, len(scores)))
+    if monitor is None:
+        return None
+    monitor.add(scores)
+    return monitor.state()
+
+
 def finish_predict(output: Path, model: PatchCore, model_path: str | os.PathLike, files: Sequence[Path],
                    rows: Sequence[dict[str, Any]], skipped: Iterable[tuple[str, str]], thresholds: Thresholds,
                    seconds: float, report: bool = False) -> dict[str, Any]:
@@ -430,6 +442,9 @@ def finish_predict(output: Path, model: PatchCore, model_path: str | os.PathLike
     from .evaluate import jsonable
 
     summary = predict_summary(output, model_path, rows, skipped, thresholds, seconds)
+    drift = folder_drift(model, [r["score"] for r in rows])
+    if drift is not None:
+        summary["drift"], summary["drift_in_words"] = drift.to_dict(), drift.in_words()
     write_summary_csv(output / "summary.csv", rows)
     atomic_write_text(output / "summary.json", json.dumps(jsonable(summary), indent=2) + "\n")
     if report:

@@ -12,9 +12,11 @@ import inspect
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -409,22 +411,25 @@ class PatchCore:
         n_img, n_turns, h, w, d = feats.shape
         folds = plan.folds(n_img)
         bank, fold_banks, n_parts = plan.select_banks(feats, progress)
-        # New images are scored as they come, so the calibration scores the images unturned.
-        cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress) if folds >= 2 else None
+        # New images are scored as they come, so the calibration scores the images unturned. Leaving suspects
+        # out, the first cross-fit scores every image (no calibration_max_images): each one is audited.
+        audit = replace(plan, calibration_max_images=None) if self.leave_out_suspects else plan
+        cross = audit.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress) if folds >= 2 else None
+        order = audit.scored_order(n_img, folds) if cross is not None else []
         left_out: list[list] = []
         if cross is not None and self.leave_out_suspects:
-            order = plan.scored_order(n_img, folds)
-            bad = sorted(order[i] for i in suspects(cross[0]))
-            if bad and n_img - len(bad) >= max(2, folds):
-                left_out = [[names[order[i]], cross[0][i]] for i in suspects(cross[0])]
-                keep = np.setdiff1d(np.arange(n_img), bad)
+            found = suspects(cross[0])
+            if found and n_img - len(found) >= max(2, folds):
+                left_out = [[names[order[i]], cross[0][i]] for i in found]
+                keep = np.setdiff1d(np.arange(n_img), [order[i] for i in found])
                 feats, sizes = feats[torch.from_numpy(keep)], [sizes[i] for i in keep]
                 names, n_img = [names[i] for i in keep], len(keep)
                 folds = plan.folds(n_img)
                 bank, fold_banks, n_parts = plan.select_banks(feats, progress)
                 cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress)
+                order = plan.scored_order(n_img, folds)
         t2 = time.perf_counter()
-        record = {"images": [names[i] for i in plan.scored_order(n_img, folds)]} if cross is not None else {}
+        record = {"images": [names[i] for i in order]} if cross is not None else {}
         if left_out:
             record["left_out"] = left_out
         return self.set_fitted(bank, {
@@ -508,6 +513,47 @@ class PatchCore:
         return [[names[i], float(scores[i])] for i in suspects(scores)]
 
     # ----------------------------------------------------------------------------------------- update
+    def _cross_fit_added(self, feats: torch.Tensor, sizes: list[tuple[int, int]], added: np.ndarray,
+                         owner: np.ndarray, folds: int, progress: Progress | None = None
+                         ) -> tuple[list[float], list[float]]:
+        """(scores, map maxima) of the images an update adds, ``feats`` (N, h, w, D), in the order of
+        :meth:`FitPlan.scored_order`: each against the bank grown without its fold's images, the bank as it
+        was plus the added features ``added`` whose ``owner`` image lies in another fold. Its nearest
+        neighbours are the nearer of the old bank's (the cell search, built once) and the other folds' added
+        features' (exact, a small set), so no bank is selected or indexed per fold."""
+        plan, old = self.fit_plan(), self.memory()
+        splits, scored_of = plan.calibration_split(len(feats), folds)
+        fold_of = np.empty(len(feats), dtype=np.int64)
+        for j, held in enumerate(splits):
+            fold_of[held] = j
+        pre, b, n_old = self.preprocessing, int(self.num_neighbors), len(old)
+        scores: list[float] = []
+        maxima: list[float] = []
+        for j, scored in enumerate(scored_of):
+            extra = np.ascontiguousarray(added[fold_of[owner] != j])
+            q = feats[torch.from_numpy(scored)].float()
+            n, gh, gw, dd = q.shape
+            flat = q.reshape(-1, dd).numpy()
+            dist, nn = old.nearest(flat)
+            if len(extra):
+                index = faiss.IndexFlatL2(dd)
+                index.add(extra)
+                ix = index.search(flat, 1)[1][:, 0]
+                dx = np.sqrt(((flat - extra[ix]) ** 2).sum(1, dtype=np.float64)).astype(np.float32)
+                closer = dx < dist
+                dist, nn = np.where(closer, dx, dist), np.where(closer, n_old + ix, nn)
+            grown = MemoryBank(np.concatenate([old.bank, extra]), cells=1)  # for Eq. 7's neighbours only
+            support, hw = grown.support_of(b), gh * gw
+            for k, i in enumerate(scored):
+                rows = slice(k * hw, (k + 1) * hw)
+                score, amap = score_patches(dist[rows], nn[rows], flat[rows], grown.bank, support, b, (gh, gw), pre,
+                                            float(self.sigma), tuple(sizes[i]))
+                scores.append(score)
+                maxima.append(float(amap.max()))
+            if progress:
+                progress("calibration", j + 1, folds)
+        return scores, maxima
+
     def update(self, images: ImagesLike, skip_unreadable: bool = False,
                progress: Progress | None = None) -> PatchCore:
         """Add good images to the fitted model without refitting; returns self.
@@ -517,13 +563,14 @@ class PatchCore:
         the bank already covers first), so time grows with the images added, not with those fitted before.
 
         The threshold is recalibrated with the same guarantee as a fit's. The new images are split into the
-        calibration's folds; each is scored against the bank grown by the other folds' new images only (as a
-        fit cross-fits), and these honest scores join the calibration's earlier ones, which were scored
-        against banks without the new images' features: a bank that only grows can only lower a good image's
-        distances, so the earlier scores err on the side of fewer false alarms. The conformal threshold is then
-        taken over all of them, at the calibration's target rate and method. A calibration from defect images
-        (``threshold_from="f1"``) falls back to the false-alarm threshold: its defect scores were made against
-        the old bank. A model without calibration scores is updated without a threshold.
+        calibration's folds; each is scored against the bank as it was plus the features the other folds' new
+        images added (a bank without its own features, as a fit cross-fits), and these honest scores join the
+        calibration's earlier ones, which were scored against banks without any new features: a bank that
+        only grows can only lower a good image's distances, so the earlier scores err on the side of fewer
+        false alarms. The conformal threshold is then taken over all of them, at the calibration's target rate
+        and method. A calibration from defect images (``threshold_from="f1"``) falls back to the false-alarm
+        threshold: its defect scores were made against the old bank. A model without calibration scores is
+        updated without a threshold.
         """
         self._require()
         self.check_params()
@@ -533,6 +580,7 @@ class PatchCore:
         self.skipped_ = []
         feats, sizes = self.extract(items, skip_unreadable, progress, turned=True)
         names = self._kept_names(items)
+        t_extract = time.perf_counter() - t0
         n_img, n_turns, h, w, d = feats.shape
         if n_turns != int(self._info.get("turns", 1)) or d != self._bank.shape[1]:
             raise ModelFileError(f"the new images' features ({n_turns} turns x {d}) do not match the model's "
@@ -540,12 +588,17 @@ class PatchCore:
         prev = dict(self.calibration_ or {})
         folds = max(1, min(int(prev.get("folds") or self.calibration_folds or 1), n_img)) if prev.get("scores") else 0
         before = len(self._bank)
-        bank, fold_banks = plan.grow_banks(self._bank, feats, folds)
+        flat = feats.reshape(-1, d)
+        picks = plan.grow(self._bank, flat)
+        added = flat.index_select(0, picks).float().numpy()
         t1 = time.perf_counter()
-        cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress) if folds else None
+        owner = (picks // (n_turns * h * w)).numpy()  # the new image each added feature came from
+        cross = self._cross_fit_added(feats[:, 0], sizes, added, owner, folds, progress) if folds else None
+        bank = np.concatenate([self._bank, added])
         self._bank, self._search = bank, None
         step = {"images": n_img, "bank_added": len(bank) - before, "skipped": len(self.skipped_),
-                "seconds": time.perf_counter() - t0, "select_seconds": t1 - t0}
+                "seconds": time.perf_counter() - t0, "extract_seconds": t_extract,
+                "select_seconds": t1 - t0 - t_extract}
         self._info.update(n_images=int(self._info["n_images"]) + n_img,
                           n_features=int(self._info["n_features"]) + n_img * n_turns * h * w,
                           bank_size=len(bank), updates=list(self._info.get("updates", [])) + [step])

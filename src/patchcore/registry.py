@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from . import versions
+from .core.drift import DriftMonitor
 from .errors import PatchCoreError
 from .inference import Thresholds, load_model, thresholds_in_force
 from .runtime import META_FILE as EXPORT_META  # what makes a folder an export
@@ -44,6 +46,8 @@ class ModelEntry:
     thresholds: Thresholds
     signature: Signature
     loaded_at: float = field(default_factory=time.time)
+    version: int | None = None  # its number among the kept versions (patchcore.versions), None when not kept
+    drift: DriftMonitor | None = None  # the recent scores against the calibration's; None when uncalibrated
 
 
 @dataclass
@@ -108,13 +112,17 @@ class ModelRegistry:
 
     ``scan()`` brings the served set in step with the folder once; ``start(interval)`` does so in a thread
     every ``interval`` seconds. ``on_event(kind, name, detail)`` hears of "loaded", "failed" and "removed".
+    Every model taken into service is kept as a version (:mod:`patchcore.versions`, at most ``keep_versions``
+    per name; 0 keeps none), and gets a drift monitor of its scores (:mod:`patchcore.core.drift`).
     """
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu",
                  loader: Callable[[Path, str], tuple[Any, Thresholds]] = load_and_warm,
-                 on_event: Callable[[str, str, str], None] | None = None) -> None:
+                 on_event: Callable[[str, str, str], None] | None = None,
+                 keep_versions: int = versions.KEEP) -> None:
         self.folder = Path(folder)
         self.device = device
+        self.keep_versions = int(keep_versions)
         self._loader = loader
         self._on_event = on_event
         self._entries: dict[str, ModelEntry] = {}
@@ -177,6 +185,16 @@ class ModelRegistry:
             self._seen.pop(name, None)
         self.scans += 1
 
+    def take(self, name: str) -> None:
+        """Load ``name``'s file now, without waiting for a stable scan: for a file this process has just put in
+        place whole (an applied update). The version serving keeps serving if it fails."""
+        path = self._files().get(name)
+        sig = None if path is None else _signature(path)
+        if sig is None:
+            raise PatchCoreError(f"{name}: its model file is gone")
+        self._seen[name] = sig
+        self._load(name, path, sig)
+
     def _load(self, name: str, path: Path, sig: Signature) -> None:
         try:
             model, thresholds = self._loader(path, self.device)
@@ -189,8 +207,15 @@ class ModelRegistry:
             return
         if _signature(path) != sig:
             return  # changed while loading: the next stable scan loads the new version
+        version = None
+        if self.keep_versions > 0:
+            try:
+                version = versions.record(self.folder, name, path, keep=self.keep_versions).number
+            except OSError as e:  # a read-only folder still serves; it only cannot go back
+                log.warning("model %s: not kept as a version (%s)", name, _one_line(e))
+        drift = DriftMonitor.for_calibration(dict(getattr(model, "calibration_", None) or {}), thresholds.image)
         with self._lock:
-            self._entries[name] = ModelEntry(name, path, model, thresholds, sig)
+            self._entries[name] = ModelEntry(name, path, model, thresholds, sig, version=version, drift=drift)
         self._failures.pop(name, None)
         self._event("loaded", name, str(path))
 

@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
@@ -41,9 +42,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
-from . import __version__
+from . import __version__, versions
 from .core.imagefiles import check_image_bytes, read_image_bytes
 from .errors import ImageError, PatchCoreError
+from .feedback import FeedbackStore, Held, Recent
 from .inference import Thresholds, result_of, thresholds_in_force
 from .registry import ModelEntry, ModelRegistry, kind_of
 from .visualize import png_bytes
@@ -69,12 +71,15 @@ class ServiceSettings:
     max_batch: int = 8  # requests for one model waiting together are scored in one batch of at most this many
     reload_interval: float = 2.0  # seconds between scans of models_dir (a new file serves after 1-2 of them)
     device: str = "auto"
+    feedback_images: int = 256  # recent uploads held for the operator's verdict (and at most 256 MB of them)
+    keep_versions: int = versions.KEEP  # versions kept of each model served (0: none; no rollback then)
 
     def check(self) -> None:
         if not self.models_dir.is_dir():
             raise PatchCoreError(f"{self.models_dir}: no such folder (the folder of model files to serve)")
         for name, value, low in (("concurrency", self.concurrency, 1), ("queue size", self.queue_size, 0),
-                                 ("batch size", self.max_batch, 1),
+                                 ("batch size", self.max_batch, 1), ("feedback images", self.feedback_images, 0),
+                                 ("versions kept", self.keep_versions, 0),
                                  ("upload limit", self.max_upload_bytes, 1), ("pixel limit", self.max_pixels, 1)):
             if value < low:
                 raise PatchCoreError(f"the {name} must be at least {low}, got {value}")
@@ -102,7 +107,10 @@ class MapView(BaseModel):
 
 
 class PredictResponse(BaseModel):
+    id: str = Field(description="This prediction's id: send it back with the true label to "
+                                ":feedback (the image is held for that while it is among the recent ones).")
     model: str
+    model_version: int | None = Field(None, description="The served model's version (patchcore versions).")
     score: float = Field(description="Anomaly score (Prediction.score).")
     normalized_score: float = Field(description="score / threshold: the threshold is 1.0.")
     is_anomalous: bool = Field(description="score >= threshold.")
@@ -132,8 +140,29 @@ class Calibration(BaseModel):
     guaranteed_far: float | None = None
 
 
+class Drift(BaseModel):
+    """The recent scores against the calibration's (patchcore.core.drift): more alarms than the calibrated
+    false-alarm rate allows, and a shift of the score distribution."""
+
+    tested: bool = Field(description="Enough recent images to test (30).")
+    drifting: bool
+    excess_alarms: bool
+    shifted: bool
+    n: int = Field(description="Recent images in the window (at most 200).")
+    images_seen: int
+    alarms: int = Field(description="Recent images at or above the threshold.")
+    expected_alarms: float
+    allowed_far: float
+    alarm_p: float = Field(description="Binomial tail of the alarms at the allowed rate.")
+    shift_ks: float = Field(description="Kolmogorov-Smirnov statistic, recent scores vs calibration scores.")
+    shift_p: float
+    alpha: float
+    in_words: str
+
+
 class ModelInfo(BaseModel):
     name: str
+    version: int | None = Field(None, description="Its number among the kept versions (patchcore versions).")
     kind: Literal["model file", "export"] = Field(
         description="A model file (scored with PyTorch) or an export folder (the torch-free runtime).")
     file: str
@@ -146,6 +175,34 @@ class ModelInfo(BaseModel):
     pixel_threshold: float
     threshold_source: str
     calibration: Calibration
+    drift: Drift | None = Field(None, description="None for a model without calibration scores.")
+    feedback: dict[str, int] = Field(default_factory=dict, description="Operator verdicts held, by label.")
+
+
+class FeedbackRequest(BaseModel):
+    id: str = Field(description="The prediction's id.")
+    label: Literal["good", "defect"] = Field(description="What the part really is.")
+    note: str | None = Field(None, max_length=500)
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    label: str
+    overrules: bool = Field(description="The label contradicts the model's verdict (a false alarm overruled, or "
+                                        "a defect the model passed).")
+    file: str = Field(description="Where the image is kept, under the models folder's .feedback/NAME/.")
+    held: dict[str, int]
+
+
+class ApplyResponse(BaseModel):
+    model: str
+    images: int = Field(description="Good images from the feedback added to the model.")
+    bank_added: int
+    threshold_before: float | None
+    threshold_after: float | None
+    previous_version: int | None
+    seconds: float
+    detail: str
 
 
 class ModelFailure(BaseModel):
@@ -196,6 +253,22 @@ class Metrics:
                                  ["model"], registry=self.registry, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
         self.model_events = Counter("patchcore_model_events_total", "Model files loaded, failed or removed",
                                     ["model", "event"], registry=self.registry)
+        self.drift = Gauge("patchcore_drift", "Recent scores against the calibration, by model: drifting (0/1), "
+                           "alarms and expected_alarms in the window, alarm_p, shift_ks, shift_p",
+                           ["model", "value"], registry=self.registry)
+        self.feedback = Counter("patchcore_feedback_total", "Operator verdicts, by model, label and whether they "
+                                "overrule the model", ["model", "label", "overrules"], registry=self.registry)
+
+    def observe_drift(self, entries: list[ModelEntry]) -> None:
+        self.drift.clear()
+        for e in entries:
+            if e.drift is None:
+                continue
+            st = e.drift.state()
+            for key, value in (("drifting", float(st.drifting)), ("alarms", st.alarms),
+                               ("expected_alarms", st.expected_alarms), ("alarm_p", st.alarm_p),
+                               ("shift_ks", st.shift_ks), ("shift_p", st.shift_p), ("window", st.n)):
+                self.drift.labels(e.name, key).set(float(value))
 
 
 class _MetricsMiddleware:
@@ -266,6 +339,7 @@ IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "description": (
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (401, "Missing or wrong API key."), (404, "No such model."), (413, "Upload larger than the limit."),
+    (409, "The model cannot take this now (an export, no feedback waiting, an update running)."),
     (422, "Not a readable image, too many or too few pixels, or a bad parameter."),
     (503, "All scorers busy and the queue full: retry after the Retry-After header's seconds."))}
 
@@ -282,7 +356,7 @@ def _when(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-def _model_info(e: ModelEntry) -> ModelInfo:
+def _model_info(e: ModelEntry, store: FeedbackStore | None = None) -> ModelInfo:
     m = e.model
     cal = dict(m.calibration_ or {})
     params = m.get_params()
@@ -293,8 +367,10 @@ def _model_info(e: ModelEntry) -> ModelInfo:
         name=e.name, kind=kind, file=e.path.name, file_bytes=size, loaded_at=_when(e.loaded_at),
         backbone=str(params.get("backbone")), image_size=list(m.preprocessing.input_size),
         bank_size=info.get("bank_size"), threshold=e.thresholds.image, pixel_threshold=e.thresholds.pixel,
-        threshold_source=e.thresholds.source,
-        calibration=Calibration(**{k: cal.get(k) for k in Calibration.model_fields}))
+        threshold_source=e.thresholds.source, version=e.version,
+        calibration=Calibration(**{k: cal.get(k) for k in Calibration.model_fields}),
+        drift=None if e.drift is None else Drift(**{**(st := e.drift.state()).to_dict(), "in_words": st.in_words()}),
+        feedback=store.counts(e.name) if store is not None else {})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -353,8 +429,12 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
         metrics.model_events.labels(name, kind).inc()
         metrics.models.set(len(models.entries()))
 
-    models = registry or ModelRegistry(settings.models_dir, device=settings.device, on_event=on_event)
+    models = registry or ModelRegistry(settings.models_dir, device=settings.device, on_event=on_event,
+                                       keep_versions=settings.keep_versions)
     admission = Admission(settings.concurrency, settings.queue_size)
+    recent = Recent(settings.feedback_images)
+    store = FeedbackStore(settings.models_dir)
+    applying = threading.Lock()
     pool: dict[str, Batcher] = {}
 
     @asynccontextmanager
@@ -419,7 +499,7 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"], dependencies=protected,
              summary="Models in service, and model files that failed to load", responses={401: ERRORS[401]})
     async def list_models() -> ModelsResponse:
-        return ModelsResponse(models=[_model_info(e) for e in models.entries()],
+        return ModelsResponse(models=[_model_info(e, store) for e in models.entries()],
                               failures=[ModelFailure(name=f.name, file=f.path.name, detail=f.detail,
                                                      since=_when(f.at)) for f in models.failures()])
 
@@ -436,7 +516,9 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
         if name.endswith(":predict"):  # GET on the predict URL: the URL is right, the method is not
             raise HTTPException(405, "predict takes POST (multipart field 'image', or the raw image as the body)",
                                 headers={"Allow": "POST"})
-        return _model_info(_entry(name))
+        if name.endswith((":feedback", ":apply-feedback")):
+            raise HTTPException(405, f"{name.rsplit(':', 1)[1]} takes POST", headers={"Allow": "POST"})
+        return _model_info(_entry(name), store)
 
     @app.post("/v1/models/{name}:predict", response_model=PredictResponse, response_model_exclude_none=True,
               tags=["models"], dependencies=protected, openapi_extra=IMAGE_BODY, responses=ERRORS,
@@ -490,16 +572,84 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
             admission.observe(result["seconds"])
             metrics.scoring.labels(name).observe(result["seconds"])
             metrics.verdicts.labels(name, result["verdict"]).inc()
+            result["id"], result["model_version"] = uuid.uuid4().hex, entry.version
+            if entry.drift is not None:
+                entry.drift.add(result["score"])
+            # Held for the operator's verdict, judged at the model's own threshold whatever the request asked.
+            recent.add(Held(result["id"], name, entry.version, float(result["score"]),
+                            "anomalous" if result["score"] >= entry.thresholds.image else "good",
+                            entry.thresholds.image, data, time.time()))
             return JSONResponse(PredictResponse(**result).model_dump(exclude_none=True))
         finally:
             admission.leave()
             metrics.admitted.set(admission.admitted)
+
+    # ------------------------------------------------------------------------------------------ feedback
+    @app.post("/v1/models/{name}:feedback", response_model=FeedbackResponse, tags=["feedback"],
+              dependencies=protected, responses={k: ERRORS[k] for k in (401, 404, 422)},
+              summary="The operator's verdict on a recent prediction: its image is kept with the true label")
+    async def feedback(name: str, body: FeedbackRequest) -> FeedbackResponse:
+        _entry(name)
+        held = recent.get(body.id)
+        if held is None:
+            raise HTTPException(404, f"no recent prediction with id {body.id!r}: the service holds the images of "
+                                     f"its last {settings.feedback_images} predictions")
+        if held.model != name:
+            raise HTTPException(422, f"prediction {body.id} was made by model {held.model!r}, not {name!r}")
+        line = await asyncio.to_thread(store.add, held, body.label, body.note)
+        metrics.feedback.labels(name, body.label, str(line["overrules"]).lower()).inc()
+        return FeedbackResponse(id=held.id, label=body.label, overrules=line["overrules"], file=line["file"],
+                                held=store.counts(name))
+
+    @app.post("/v1/models/{name}:apply-feedback", response_model=ApplyResponse, tags=["feedback"],
+              dependencies=protected, responses={k: ERRORS[k] for k in (401, 404, 409)},
+              summary="Add the images the operator called good to the model, and serve the updated model")
+    async def apply_feedback(name: str) -> ApplyResponse:
+        entry = _entry(name)
+        if kind_of(entry.path) == "export":
+            raise HTTPException(409, f"{name} is an export, which cannot learn: update the model file it was "
+                                     f"exported from (patchcore update) and export it again")
+        goods = store.good_images(name)
+        if not goods:
+            raise HTTPException(409, f"no images called good by the operator wait for {name} (POST :feedback)")
+        if not applying.acquire(blocking=False):
+            raise HTTPException(409, "another update is being applied; try again when it is done")
+        try:
+            return await asyncio.to_thread(_apply, entry, goods)
+        except PatchCoreError as e:
+            raise HTTPException(409, str(e)) from None
+        finally:
+            applying.release()
+
+    def _apply(entry: ModelEntry, goods: list[Path]) -> ApplyResponse:
+        """Update a fresh copy of the served model (the served one keeps scoring), put it in place by an
+        atomic rename (the file in place is a kept version already) and take it into service now."""
+        try:
+            from .model import PatchCore
+        except ImportError:
+            raise PatchCoreError('applying feedback updates the model with PyTorch: pip install '
+                                 '"patchcore[full]"') from None
+        t0 = time.perf_counter()
+        model = PatchCore.load(entry.path, device=settings.device)
+        before = model.threshold_
+        model.update(goods, skip_unreadable=True)
+        step = model.fit_info_["updates"][-1]
+        model.save(entry.path, overwrite=True)
+        store.mark_applied(entry.name, goods, entry.version)
+        models.take(entry.name)
+        now = models.get(entry.name)
+        return ApplyResponse(model=entry.name, images=int(step["images"]), bank_added=int(step["bank_added"]),
+                             threshold_before=before, threshold_after=model.threshold_,
+                             previous_version=entry.version, seconds=time.perf_counter() - t0,
+                             detail=f"serving version {now.version if now else '?'}; `patchcore rollback "
+                                    f"MODELS_DIR {entry.name}` goes back to version {entry.version}")
 
     # ------------------------------------------------------------------------------------------- metrics
     @app.get("/metrics", tags=["health"], dependencies=protected, summary="Prometheus metrics",
              response_class=Response, responses={401: ERRORS[401]})
     async def prometheus() -> Response:
         metrics.models.set(len(models.entries()))
+        metrics.observe_drift(models.entries())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------------------------------ web page

@@ -70,10 +70,38 @@ function describeModel(failures) {
   const m = state.models.find((x) => x.name === $("model").value);
   let text = m ? `${m.backbone}, ${m.image_size.join(" x ")} px; threshold ${fmt(m.threshold)} (${m.threshold_source}).` : "";
   if (m && m.calibration.statement) text += " " + m.calibration.statement;
+  if (m && m.version) text += ` Version ${m.version}.`;
   if (failures && failures.length) {
     text += ` Not loaded: ${failures.map((f) => `${f.file} (${f.detail})`).join("; ")}.`;
   }
   $("model-info").textContent = text;
+  // The recent stream against the calibration: the same line as /v1/models' drift.in_words.
+  const drift = $("drift");
+  drift.textContent = m && m.drift ? `Recent images: ${m.drift.in_words}` : "";
+  drift.dataset.drifting = String(Boolean(m && m.drift && m.drift.drifting));
+}
+
+// ---------------------------------------------------------------------------------------------- feedback
+async function sendFeedback(label) {
+  const r = state.result;
+  if (!r) return;
+  let resp;
+  try {
+    resp = await fetch(`/v1/models/${encodeURIComponent(r.model)}:feedback`, {
+      method: "POST", headers: { ...headers(), "Content-Type": "application/json" },
+      body: JSON.stringify({ id: r.id, label }),
+    });
+  } catch (e) {
+    $("feedback-done").textContent = `the server did not answer (${e.message})`;
+    return;
+  }
+  if (!resp.ok) {
+    $("feedback-done").textContent = await detail(resp);
+    return;
+  }
+  const body = await resp.json();
+  $("feedback-done").textContent = (body.overrules ? "Recorded: the model's verdict overruled. " : "Recorded. ") +
+    `Held for ${r.model}: ${body.held.good} good, ${body.held.defect} defective.`;
 }
 
 // ---------------------------------------------------------------------------------------------- scoring
@@ -149,10 +177,24 @@ async function show(r, file) {
   state.hi = Math.max(2 * r.threshold, 1.25 * r.score);
   $("threshold").value = String(toSlider(r.threshold));
   state.atModel = true;
+  $("feedback-done").textContent = "";
   $("busy").hidden = true;
   $("result").hidden = false;
   render();
   setState("done");
+  refreshModels();
+}
+
+// After a prediction: the listing again, for the model's drift line (errors here change nothing).
+async function refreshModels() {
+  try {
+    const resp = await fetch("/v1/models", { headers: headers() });
+    if (resp.ok) {
+      const body = await resp.json();
+      state.models = body.models;
+      describeModel(body.failures);
+    }
+  } catch (e) { /* the next prediction tries again */ }
 }
 
 // ---------------------------------------------------------------------------------- the threshold view
@@ -229,6 +271,8 @@ $("reset").addEventListener("click", () => {
   state.atModel = true;
   render();
 });
+$("feedback-good").addEventListener("click", () => sendFeedback("good"));
+$("feedback-defect").addEventListener("click", () => sendFeedback("defect"));
 $("key-use").addEventListener("click", () => {
   state.key = $("key").value.trim();
   sessionStorage.setItem(KEY_STORE, state.key);

@@ -1,0 +1,209 @@
+"""Models that live on the line (issue 22): adding good images, and a training set with defects in it.
+
+    python benchmarks/living.py update --category bottle --first 150 -o out/living
+    python benchmarks/living.py contamination --category bottle --share 0.05 0.10 -o out/living
+    python benchmarks/living.py drift --category bottle --first 150 -o out/living
+
+``update``: fit on the first ``--first`` good images (drawn by seed), add the rest with ``PatchCore.update``,
+and fit all of them at once; prints the times (the update's as a share of the full fit's), the image and pixel
+AUROC of both models on the test set, and their false-alarm rate on test/good against the calibrated bound.
+Time it with nothing else running (the load average is printed).
+
+``contamination``: move ``share`` of the category's test defects (drawn by seed, with their masks) into its
+training set; fit with the default settings and with ``leave_out_suspects``; evaluate both (and a clean fit)
+on the test set without the moved images, and count how many moved images the audit ranks in its top k
+(k = how many were moved) and how many it lists as suspects.
+
+``drift``: fit on the first ``--first`` good images; score the other good images as they are and shifted
+(darker and brighter by 10 and 20 %, Gaussian blur of 1 and 2 px); then run the service's drift monitor
+(:mod:`patchcore.core.drift`) over streams drawn from those scores, ``--streams`` seeds each: how often an
+unshifted stream of ``--length`` images is flagged (false drift alarms), and after how many shifted images a
+stream that turns from unshifted (a full window) to shifted is flagged. The test/good images' scores are
+checked against the calibration too (another session of the same camera).
+
+Each run writes a JSON file under ``-o`` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from patchcore import PatchCore
+from patchcore.datasets import Dataset, read_mvtec
+from patchcore.evaluate import evaluate_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
+
+
+def metrics(model: PatchCore, ds: Dataset) -> dict:
+    r = evaluate_model(model, ds, keep_maps=False)
+    return {"image_auroc": r.image_auroc, "pixel_auroc": r.pixel_auroc, "aupro": r.aupro, "good_far": r.good_far,
+            "defect_recall": r.defect_recall, "threshold": r.threshold,
+            "guaranteed_far": (model.calibration_ or {}).get("guaranteed_far")}
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def update_run(args: argparse.Namespace) -> dict:
+    ds = read_mvtec(Path(args.data) / args.category)
+    order = np.random.default_rng(args.seed).permutation(len(ds.train))
+    first = [ds.train[i] for i in sorted(order[:args.first])]
+    rest = [ds.train[i] for i in sorted(order[args.first:])]
+    out = {"category": args.category, "n_first": len(first), "n_added": len(rest), "load_start": load()}
+
+    t = time.perf_counter()
+    full = PatchCore(seed=args.seed).fit(ds.train)
+    out["full_fit_seconds"] = time.perf_counter() - t
+    out["full"] = metrics(full, ds)
+    out["full_bank"] = int(full.fit_info_["bank_size"])
+    del full
+
+    t = time.perf_counter()
+    model = PatchCore(seed=args.seed).fit(first)
+    out["first_fit_seconds"] = time.perf_counter() - t
+    out["first"] = metrics(model, ds)
+    out["load_before_update"] = load()
+    t = time.perf_counter()
+    model.update(rest)
+    out["update_seconds"] = time.perf_counter() - t
+    out["update_share"] = out["update_seconds"] / out["full_fit_seconds"]
+    out["update_step"] = model.fit_info_["updates"][-1]
+    out["updated"] = metrics(model, ds)
+    out["updated_bank"] = int(model.fit_info_["bank_size"])
+    out["updated_calibration_n"] = int(model.calibration_["n"])
+    out["load_end"] = load()
+    return out
+
+
+def contamination_run(args: argparse.Namespace) -> dict:
+    ds = read_mvtec(Path(args.data) / args.category)
+    defects = [i for i, s in enumerate(ds.test) if s.label == 1]
+    rng = np.random.default_rng(args.seed)
+    shuffled = list(rng.permutation(defects))
+    out = {"category": args.category, "n_train": len(ds.train), "n_defects": len(defects), "runs": []}
+    clean = PatchCore(seed=args.seed).fit(ds.train)
+    out["clean_suspects"] = clean.calibration_.get("suspects")
+    for share in args.share:
+        k = max(1, round(share * len(ds.train) / (1 - share)))  # share of the contaminated training set
+        moved = sorted(shuffled[:k])
+        planted = [ds.test[i].path for i in moved]
+        test = Dataset(ds.name, ds.train, [s for i, s in enumerate(ds.test) if i not in set(moved)])
+        train = list(ds.train) + planted
+        names = {"/".join(p.parts[-2:]) for p in planted}
+        run = {"share": share, "planted": len(planted), "clean": metrics(clean, test)}
+        for label, robust in (("default", False), ("robust", True)):
+            t = time.perf_counter()
+            model = PatchCore(seed=args.seed, leave_out_suspects=robust).fit(train)
+            cal = model.calibration_
+            row = {"fit_seconds": time.perf_counter() - t, **metrics(model, test),
+                   "n_fitted": int(model.fit_info_["n_images"]),
+                   "suspects": len(cal.get("suspects") or []),
+                   "planted_in_suspects": sum(n in names for n, _ in cal.get("suspects") or [])}
+            if robust:
+                gone = cal.get("left_out") or []
+                row["left_out"] = len(gone)
+                row["planted_left_out"] = sum(n in names for n, _ in gone)
+            else:
+                ranked = sorted(zip(cal["scores"], cal["images"]), reverse=True)
+                row["scored"] = len(ranked)
+                row["planted_scored"] = sum(n in names for _, n in ranked)
+                row["planted_in_top_k"] = sum(n in names for _, n in ranked[:len(planted)])
+            run[label] = row
+            print(json.dumps({label: row}), file=sys.stderr, flush=True)
+        out["runs"].append(run)
+    return out
+
+
+SHIFTS = {"darker 10%": ("scale", 0.9), "darker 20%": ("scale", 0.8), "brighter 10%": ("scale", 1.1),
+          "brighter 20%": ("scale", 1.2), "blur 1 px": ("blur", 1.0), "blur 2 px": ("blur", 2.0)}
+
+
+def shifted(path: Path, how: tuple[str, float]) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    from patchcore.core.imagefiles import read_image
+
+    a = read_image(path)
+    kind, amount = how
+    if kind == "scale":
+        return np.clip(a.astype(np.float32) * amount, 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(amount)))
+
+
+def drift_run(args: argparse.Namespace) -> dict:
+    from patchcore.core.drift import WINDOW, DriftMonitor
+
+    ds = read_mvtec(Path(args.data) / args.category)
+    order = np.random.default_rng(args.seed).permutation(len(ds.train))
+    first = [ds.train[i] for i in sorted(order[:args.first])]
+    pool = [ds.train[i] for i in sorted(order[args.first:])]
+    model = PatchCore(seed=args.seed).fit(first)
+    cal = model.calibration_
+    scores = {"unshifted": model.score_samples(pool)}
+    for name, how in SHIFTS.items():
+        scores[name] = np.array([p.score for p in model.predict([shifted(f, how) for f in pool])])
+    test_good = model.score_samples([s.path for s in ds.test if s.label == 0])
+    out = {"category": args.category, "n_fit": len(first), "n_pool": len(pool), "window": WINDOW,
+           "streams": args.streams, "length": args.length, "threshold": model.threshold_,
+           "guaranteed_far": cal.get("guaranteed_far"),
+           "pool_far": {k: float((v >= model.threshold_).mean()) for k, v in scores.items()},
+           "pool_median_ratio": {k: float(np.median(v) / np.median(cal["scores"])) for k, v in scores.items()}}
+    mon = DriftMonitor.for_calibration(cal, model.threshold_, window=len(test_good))
+    mon.add(test_good)
+    out["test_good"] = {"n": len(test_good), **mon.state().to_dict()}
+
+    def first_flag(stream: np.ndarray, start: int = 0) -> int | None:
+        m = DriftMonitor.for_calibration(cal, model.threshold_)
+        for i, v in enumerate(stream):
+            m.add(float(v))
+            if i >= start and m.state().drifting:
+                return i - start + 1
+        return None
+
+    rng = np.random.default_rng(args.seed + 1)
+    false = [first_flag(rng.choice(scores["unshifted"], args.length)) for _ in range(args.streams)]
+    out["unshifted"] = {"streams_flagged": sum(f is not None for f in false), "streams": args.streams,
+                        "first_flag_at": sorted(f for f in false if f is not None)[:20]}
+    out["shifts"] = {}
+    for name in SHIFTS:
+        delays = []
+        for _ in range(args.streams):
+            stream = np.concatenate([rng.choice(scores["unshifted"], WINDOW), rng.choice(scores[name], args.length)])
+            delays.append(first_flag(stream, start=WINDOW))
+        found = [d for d in delays if d is not None]
+        out["shifts"][name] = {"flagged": len(found), "streams": args.streams,
+                               "median_images": float(np.median(found)) if found else None,
+                               "p90_images": float(np.percentile(found, 90)) if found else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("job", choices=["update", "contamination", "drift"])
+    ap.add_argument("--category", default="bottle")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--first", type=int, default=150)
+    ap.add_argument("--share", type=float, nargs="+", default=[0.05, 0.10])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--streams", type=int, default=200)
+    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("-o", "--output", default="out/living")
+    args = ap.parse_args()
+    out = {"update": update_run, "contamination": contamination_run, "drift": drift_run}[args.job](args)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    path = Path(args.output) / f"{args.job}_{args.category}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
