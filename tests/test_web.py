@@ -166,8 +166,15 @@ def test_page_shows_verdict_overlay_and_other_thresholds(small_model, bottle, tm
             low = chrome.js("""(() => { const s = document.getElementById('threshold'); s.value = 0;
                 s.dispatchEvent(new Event('input'));
                 return Number(document.getElementById('view').dataset.outlined); })()""")
+            # The operator's verdict: filed beside the model, said on the page.
+            chrome.js("document.getElementById('feedback-defect').click()")
+            recorded = chrome.wait("document.getElementById('feedback-done').textContent.startsWith('Recorded') "
+                                   "&& document.getElementById('feedback-done').textContent")
+            drift_line = chrome.js("document.getElementById('drift').textContent")
         finally:
             chrome.close()
+    assert "1 defective" in recorded and len(list((folder / ".feedback" / "bottle" / "defect").iterdir())) == 1
+    assert drift_line.startswith("Recent images: not tested yet: 1 of the 30")
     assert shown["verdict"] == "ANOMALOUS" and "anomalous" in shown["cls"]
     assert "score" in shown["score"] and "threshold" in shown["score"]
     assert shown["atView"].startswith("At the model's threshold the image is anomalous")

@@ -5,6 +5,8 @@ What is done with the distances (Eq. 7, the map) is :mod:`patchcore.core.scoring
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import faiss
 import numpy as np
 
@@ -38,11 +40,19 @@ class MemoryBank:
         d2, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return np.sqrt(np.maximum(d2, 0.0)), idx
 
-    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(self, queries: np.ndarray, n_jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Distance and index of each query's nearest bank feature, shape (Q,): the same answer as
-        ``search(queries, 1)`` (up to float rounding), comparing each query with a fraction of the bank."""
-        d, i, _ = self._cells.nearest(queries)
-        return d, i
+        ``search(queries, 1)`` (up to float rounding), comparing each query with a fraction of the bank.
+        ``n_jobs`` > 1 searches chunks of many queries in that many threads (the search runs BLAS on one
+        thread each: see :mod:`patchcore.core.search`), for batch work such as an update."""
+        chunk = 16384
+        if n_jobs <= 1 or len(queries) <= chunk:
+            d, i, _ = self._cells.nearest(queries)
+            return d, i
+        parts = [queries[k:k + chunk] for k in range(0, len(queries), chunk)]
+        with ThreadPoolExecutor(int(n_jobs)) as pool:
+            found = list(pool.map(self._cells.nearest, parts))
+        return np.concatenate([d for d, _, _ in found]), np.concatenate([i for _, i, _ in found])
 
     def support(self, index: int, b: int) -> np.ndarray:
         """N_b of Eq. 7 for bank feature ``index``: itself first, then its b - 1 nearest other bank features.

@@ -134,21 +134,30 @@ class FitPlan:
             del x
         return banks[0], banks[1:], self.n_parts(n_img * per_image)
 
-    def grow(self, bank: np.ndarray, feats: torch.Tensor) -> torch.Tensor:
+    def grow(self, bank: np.ndarray, feats: torch.Tensor, nearest: np.ndarray | None = None) -> torch.Tensor:
         """Indices of the new patch features ``feats`` (M, D) that join ``bank``, by the coreset's own rule: the
         greedy k-center selection continued from the bank, on the fit's seeded projection (the new feature
         farthest from the bank and from those already added first), ``coreset_ratio`` of them, as many as a
         fit would keep of them. Features the bank already covers well are never the farthest, so a new
-        variant's features get the places. Each new feature's distance to the bank comes from the exact cell
-        search (:mod:`patchcore.core.search`), so time grows with the new features, not with the bank."""
+        variant's features get the places.
+
+        ``nearest``: each new feature's nearest bank feature in the full feature space (the model's own
+        search, which the update needs anyway for its calibration); a feature's distance to the bank is then
+        taken, on the projection, to that bank feature: at least the exact projected distance, and equal to it
+        wherever the projection keeps the nearest neighbour (it is built to keep distances). Without it the
+        projected distances are searched exactly, which prunes poorly on the projection (screw: 62 % of the
+        bank compared, 18 s for 90 images, against 6 s for the full-space search)."""
         n_keep = self.n_keep(len(feats))
         if n_keep >= len(feats):
             return torch.arange(len(feats))
         dim = self.sampler.projection_dim
         z = random_projection(feats, dim, self.seed)
-        zb = random_projection(torch.from_numpy(bank), dim, self.seed).numpy()
-        initial, _, _ = CellSearch(zb, seed=self.seed).nearest(z.numpy())
-        return greedy_coreset(z, n_keep, seed=self.seed, initial=torch.from_numpy(initial))
+        zb = random_projection(torch.from_numpy(bank), dim, self.seed)
+        if nearest is None:
+            initial = torch.from_numpy(CellSearch(zb.numpy(), seed=self.seed).nearest(z.numpy())[0])
+        else:
+            initial = (z - zb[torch.from_numpy(np.asarray(nearest, dtype=np.int64))]).norm(dim=1)
+        return greedy_coreset(z, n_keep, seed=self.seed, initial=initial)
 
     def scored_order(self, n_images: int, folds: int) -> list[int]:
         """The images :meth:`cross_fit` scores, in the order of its scores."""

@@ -12,11 +12,11 @@ import inspect
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
@@ -27,6 +27,7 @@ from .core.geometry import Preprocessing, input_size_for, is_gray
 from .core.imagefiles import ImagesLike, Item, as_items, iter_loaded
 from .core.prediction import Prediction
 from .core.scoring import score_assembled, score_patches
+from .core.search import CellSearch
 from .core.tiling import Assembled, crop, tile_grid
 from .coreset import CoresetSampler
 from .devices import apply_torch_threads
@@ -514,45 +515,48 @@ class PatchCore:
 
     # ----------------------------------------------------------------------------------------- update
     def _cross_fit_added(self, feats: torch.Tensor, sizes: list[tuple[int, int]], added: np.ndarray,
-                         owner: np.ndarray, folds: int, progress: Progress | None = None
-                         ) -> tuple[list[float], list[float]]:
+                         owner: np.ndarray, folds: int, dist_old: np.ndarray, nn_old: np.ndarray,
+                         progress: Progress | None = None) -> tuple[list[float], list[float]]:
         """(scores, map maxima) of the images an update adds, ``feats`` (N, h, w, D), in the order of
         :meth:`FitPlan.scored_order`: each against the bank grown without its fold's images, the bank as it
-        was plus the added features ``added`` whose ``owner`` image lies in another fold. Its nearest
-        neighbours are the nearer of the old bank's (the cell search, built once) and the other folds' added
-        features' (exact, a small set), so no bank is selected or indexed per fold."""
-        plan, old = self.fit_plan(), self.memory()
+        was plus the added features ``added`` whose ``owner`` image lies in another fold. A patch's nearest
+        neighbour is the nearer of its nearest in the old bank (``dist_old``, ``nn_old``: N * h * w each) and
+        in the other folds' added features (the exact cell search over them), so no bank is selected per fold."""
+        plan, n_old = self.fit_plan(), len(self._bank)
         splits, scored_of = plan.calibration_split(len(feats), folds)
         fold_of = np.empty(len(feats), dtype=np.int64)
         for j, held in enumerate(splits):
             fold_of[held] = j
-        pre, b, n_old = self.preprocessing, int(self.num_neighbors), len(old)
-        scores: list[float] = []
-        maxima: list[float] = []
-        for j, scored in enumerate(scored_of):
+        n, gh, gw, dd = feats.shape
+        hw, pre, b = gh * gw, self.preprocessing, int(self.num_neighbors)
+        done = [0]
+
+        def one(j: int) -> list[tuple[float, float]]:
+            scored = scored_of[j]
             extra = np.ascontiguousarray(added[fold_of[owner] != j])
-            q = feats[torch.from_numpy(scored)].float()
-            n, gh, gw, dd = q.shape
-            flat = q.reshape(-1, dd).numpy()
-            dist, nn = old.nearest(flat)
+            rows = (scored[:, None] * hw + np.arange(hw)).ravel()
+            flat = feats[torch.from_numpy(scored)].reshape(-1, dd).float().numpy()
+            dist, nn = dist_old[rows], nn_old[rows]
             if len(extra):
-                index = faiss.IndexFlatL2(dd)
-                index.add(extra)
-                ix = index.search(flat, 1)[1][:, 0]
-                dx = np.sqrt(((flat - extra[ix]) ** 2).sum(1, dtype=np.float64)).astype(np.float32)
+                dx, ix, _ = CellSearch(extra, seed=self.seed).nearest(flat)
                 closer = dx < dist
                 dist, nn = np.where(closer, dx, dist), np.where(closer, n_old + ix, nn)
-            grown = MemoryBank(np.concatenate([old.bank, extra]), cells=1)  # for Eq. 7's neighbours only
-            support, hw = grown.support_of(b), gh * gw
+            grown = MemoryBank(np.concatenate([self._bank, extra]), cells=1)  # for Eq. 7's neighbours only
+            support, out = grown.support_of(b), []
             for k, i in enumerate(scored):
-                rows = slice(k * hw, (k + 1) * hw)
-                score, amap = score_patches(dist[rows], nn[rows], flat[rows], grown.bank, support, b, (gh, gw), pre,
+                r = slice(k * hw, (k + 1) * hw)
+                score, amap = score_patches(dist[r], nn[r], flat[r], grown.bank, support, b, (gh, gw), pre,
                                             float(self.sigma), tuple(sizes[i]))
-                scores.append(score)
-                maxima.append(float(amap.max()))
+                out.append((score, float(amap.max())))
+            done[0] += 1
             if progress:
-                progress("calibration", j + 1, folds)
-        return scores, maxima
+                progress("calibration", done[0], folds)
+            return out
+
+        jobs = max(1, min(folds, int(self.n_jobs or os.cpu_count() or 1)))
+        with ThreadPoolExecutor(jobs) as pool:  # folds at a time, as a fit's cross-fit scores them
+            pairs = [pair for fold in pool.map(one, range(folds)) for pair in fold]
+        return [a for a, _ in pairs], [m for _, m in pairs]
 
     def update(self, images: ImagesLike, skip_unreadable: bool = False,
                progress: Progress | None = None) -> PatchCore:
@@ -589,11 +593,16 @@ class PatchCore:
         folds = max(1, min(int(prev.get("folds") or self.calibration_folds or 1), n_img)) if prev.get("scores") else 0
         before = len(self._bank)
         flat = feats.reshape(-1, d)
-        picks = plan.grow(self._bank, flat)
+        # One search of the old bank serves both: the coreset's starting distances and the calibration.
+        jobs = max(1, int(self.n_jobs or os.cpu_count() or 1))
+        dist, nn = self.memory().nearest(flat.float().numpy(), n_jobs=jobs)
+        picks = plan.grow(self._bank, flat, nearest=nn)
         added = flat.index_select(0, picks).float().numpy()
         t1 = time.perf_counter()
         owner = (picks // (n_turns * h * w)).numpy()  # the new image each added feature came from
-        cross = self._cross_fit_added(feats[:, 0], sizes, added, owner, folds, progress) if folds else None
+        unturned = (np.arange(n_img)[:, None] * n_turns * h * w + np.arange(h * w)).ravel()
+        cross = self._cross_fit_added(feats[:, 0], sizes, added, owner, folds, dist[unturned], nn[unturned],
+                                      progress) if folds else None
         bank = np.concatenate([self._bank, added])
         self._bank, self._search = bank, None
         step = {"images": n_img, "bank_added": len(bank) - before, "skipped": len(self.skipped_),

@@ -11,7 +11,13 @@ Order of refusals for a prediction, cheapest first, so abuse costs little: wrong
 scorer threads (:class:`Batcher`), so the event loop keeps answering health checks and refusals; requests
 for one model that wait together are scored in one batch, as the library scores a folder, which is what lets
 several clients get the library's batch throughput. The memory held is bounded by
-``(concurrency + queue) * max_upload`` for bodies plus ``concurrency * max_batch`` images being scored.
+``(concurrency + queue) * max_upload`` for bodies plus ``concurrency * max_batch`` images being scored, plus
+the recent uploads held for the operator's verdict (``feedback_images``, at most 256 MB: :mod:`.feedback`).
+
+Living models: each answer has an ``id``; ``:feedback`` files the operator's verdict on it, ``:apply-feedback``
+adds the images called good to the model and serves the update at once; every model taken into service is kept
+as a version (:mod:`.versions`); each model's recent scores are checked for drift against its calibration
+(:mod:`.core.drift`), in the listing, on the page and in /metrics.
 """
 
 from __future__ import annotations
