@@ -3,6 +3,7 @@
     python benchmarks/living.py update --category bottle --first 150 -o out/living
     python benchmarks/living.py contamination --category bottle --share 0.05 0.10 -o out/living
     python benchmarks/living.py drift --category bottle --first 150 -o out/living
+    python benchmarks/living.py feedback --category bottle --first 150 -o out/living
 
 ``update``: fit on the first ``--first`` good images (drawn by seed), add the rest with ``PatchCore.update``,
 and fit all of them at once; prints the times (the update's as a share of the full fit's), the image and pixel
@@ -20,6 +21,12 @@ on the test set without the moved images, and count how many moved images the au
 unshifted stream of ``--length`` images is flagged (false drift alarms), and after how many shifted images a
 stream that turns from unshifted (a full window) to shifted is flagged. The test/good images' scores are
 checked against the calibration too (another session of the same camera).
+
+``feedback``: fit on the first ``--first`` good images; a stream of good parts mixes the test set's good
+images with a calibration-breaking variant of the other good images (darker by ``--darker``, default 30 %),
+shuffled by seed. The operator overrules the false alarms in the stream's first half; they are applied with
+``PatchCore.update`` (as the service's ``:apply-feedback`` does); the false-alarm rate on the second half is
+measured before and after, against the calibrated bound.
 
 Each run writes a JSON file under ``-o`` and prints it.
 """
@@ -186,9 +193,55 @@ def drift_run(args: argparse.Namespace) -> dict:
     return out
 
 
+def feedback_run(args: argparse.Namespace) -> dict:
+    ds = read_mvtec(Path(args.data) / args.category)
+    order = np.random.default_rng(args.seed).permutation(len(ds.train))
+    first = [ds.train[i] for i in sorted(order[:args.first])]
+    others = [ds.train[i] for i in sorted(order[args.first:])]
+    model = PatchCore(seed=args.seed).fit(first)
+    bound = model.calibration_.get("guaranteed_far")
+    stream = [("test good", read_image_of(s.path)) for s in ds.test if s.label == 0]
+    stream += [(f"darker {args.darker:.0%}", shifted(p, ("scale", 1.0 - args.darker))) for p in others]
+    rng = np.random.default_rng(args.seed + 2)
+    stream = [stream[i] for i in rng.permutation(len(stream))]
+    half = len(stream) // 2
+    early, late = stream[:half], stream[half:]
+
+    def alarms(images: list[np.ndarray]) -> np.ndarray:
+        return np.array([p.score >= model.threshold_ for p in model.predict(images)])
+
+    before_early, before_late = alarms([a for _, a in early]), alarms([a for _, a in late])
+    defects = [s.path for s in ds.test if s.label == 1]
+    recall_before = float(alarms(defects).mean())
+    overruled = [a for (_, a), alarm in zip(early, before_early) if alarm]
+    out = {"category": args.category, "n_fit": len(first), "stream": len(stream),
+           "variant": f"darker {args.darker:.0%}", "guaranteed_far": bound, "threshold_before": model.threshold_,
+           "far_first_half_before": float(before_early.mean()), "far_second_half_before": float(before_late.mean()),
+           "overruled": len(overruled), "defect_recall_before": recall_before,
+           "far_second_half_before_by_kind": {k: float(np.mean([al for (kk, _), al in zip(late, before_late)
+                                                                 if kk == k])) for k in {k for k, _ in late}}}
+    t = time.perf_counter()
+    if overruled:
+        model.update(overruled)
+    out["update_seconds"] = time.perf_counter() - t
+    after_late = alarms([a for _, a in late])
+    out["threshold_after"] = model.threshold_
+    out["far_second_half_after"] = float(after_late.mean())
+    out["far_second_half_after_by_kind"] = {k: float(np.mean([al for (kk, _), al in zip(late, after_late) if kk == k]))
+                                            for k in {k for k, _ in late}}
+    out["defect_recall_after"] = float(alarms(defects).mean())
+    return out
+
+
+def read_image_of(path: Path) -> np.ndarray:
+    from patchcore.core.imagefiles import read_image
+
+    return read_image(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", choices=["update", "contamination", "drift"])
+    ap.add_argument("job", choices=["update", "contamination", "drift", "feedback"])
     ap.add_argument("--category", default="bottle")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--first", type=int, default=150)
@@ -196,9 +249,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--streams", type=int, default=200)
     ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--darker", type=float, default=0.3)
     ap.add_argument("-o", "--output", default="out/living")
     args = ap.parse_args()
-    out = {"update": update_run, "contamination": contamination_run, "drift": drift_run}[args.job](args)
+    out = {"update": update_run, "contamination": contamination_run, "drift": drift_run,
+           "feedback": feedback_run}[args.job](args)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     path = Path(args.output) / f"{args.job}_{args.category}.json"
     path.write_text(json.dumps(out, indent=1))
