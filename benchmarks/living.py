@@ -124,6 +124,12 @@ def contamination_run(args: argparse.Namespace) -> dict:
                 row["scored"] = len(ranked)
                 row["planted_scored"] = sum(n in names for _, n in ranked)
                 row["planted_in_top_k"] = sum(n in names for _, n in ranked[:len(planted)])
+                q1, q3 = np.percentile(cal["scores"], [25, 75])
+                # How far above the fence's Q3 each image lies, in IQRs: where a stricter fence would cut.
+                row["iqrs_above_q3"] = {"planted": sorted(round((v - q3) / (q3 - q1), 2) for v, n in ranked
+                                                          if n in names),
+                                        "good_top10": [round((v - q3) / (q3 - q1), 2) for v, n in ranked
+                                                       if n not in names][:10]}
             run[label] = row
             print(json.dumps({label: row}), file=sys.stderr, flush=True)
         out["runs"].append(run)

@@ -11,7 +11,7 @@ from patchcore import PatchCore
 from patchcore.cli import app
 from patchcore.core.imagefiles import read_image
 from patchcore.coreset import coreset_size, greedy_coreset
-from patchcore.thresholds import suspects
+from patchcore.thresholds import calibrate_scores, suspect_fence, suspects
 
 SMALL = dict(image_size=160, coreset_ratio=0.05, calibration_folds=3, target_far=0.1, device="cpu")
 
@@ -128,6 +128,14 @@ def test_suspects_are_the_scores_far_above_the_others():
     assert suspects([1.0, 9.0, 2.0]) == []  # too few scores to tell
 
 
+def test_a_floor_raises_the_threshold_and_says_so():
+    scores = np.linspace(10.0, 12.0, 199)
+    plain = calibrate_scores(scores, 0.01)
+    raised = calibrate_scores(scores, 0.01, floor=13.0)
+    assert raised.threshold == 13.0 > plain.threshold and "raised" in raised.rule and raised.extra["floor"] == 13.0
+    assert calibrate_scores(scores, 0.01, floor=5.0).threshold == plain.threshold
+
+
 def test_fit_lists_a_defective_image_hidden_among_the_good_and_can_leave_it_out(bottle, tmp_path):
     hidden = tmp_path / "good"
     hidden.mkdir()
@@ -138,9 +146,14 @@ def test_fit_lists_a_defective_image_hidden_among_the_good_and_can_leave_it_out(
     model = PatchCore(**SMALL).fit(hidden)
     cal = model.calibration_
     assert cal["suspects"] and cal["suspects"][0][0] == "good/zz_planted.png"
+    # Said where people look: info (and fit's summary, the predict report: report.suspects_in_words).
+    info = CliRunner().invoke(app, ["info", str(model.save(tmp_path / "m.safetensors"))])
+    assert info.exit_code == 0 and "look defective" in info.output and "zz_planted.png" in info.output
     robust = PatchCore(**SMALL, leave_out_suspects=True).fit(hidden)
     assert [name for name, _ in robust.calibration_["left_out"]] == [n for n, _ in cal["suspects"]]
     assert robust.fit_info_["n_images"] == 15 - len(cal["suspects"])
     assert "good/zz_planted.png" not in robust.calibration_["images"]
+    # Its threshold is never below the score above which it left images out (were they good after all).
+    assert robust.threshold_ >= robust.calibration_["floor"] == pytest.approx(suspect_fence(cal["scores"]))
     # Left out, the defect is scored as a defect again.
     assert robust.score_samples([defect])[0] > robust.threshold_ > model.score_samples([defect])[0]

@@ -474,7 +474,7 @@ def write_predict_report(output: Path, model: PatchCore, model_path: str | os.Pa
                          files: Sequence[Path]) -> Path:
     """OUTPUT/report.html of a predict run: the counts, the settings, the score histogram, a gallery and, when
     folder names tell good from defective (:func:`folder_labels`), the ROC curve and the detection counts."""
-    from .report import build_section, input_in_words, render_html, write_report
+    from .report import build_section, input_in_words, left_out_in_words, render_html, suspects_in_words, write_report
 
     rows = summary["images"]
     idx = {str(f): i for i, f in enumerate(files)}
@@ -511,7 +511,12 @@ def write_predict_report(output: Path, model: PatchCore, model_path: str | os.Pa
                 "network input": input_in_words(model.preprocessing),
                 **{k: v for k, v in model.get_params().items()},
                 **{f"calibration {label}": cal[k] for k, label in CALIBRATION_LABELS.items()
-                   if cal.get(k) is not None}}
+                   if cal.get(k) is not None},
+                **{label: words for label, words in (("training images that look defective", suspects_in_words(cal)),
+                                                     ("left out of the fit (looked defective)",
+                                                      left_out_in_words(cal)),
+                                                     ("drift against the calibration", summary.get("drift_in_words")))
+                   if words}}
     page = render_html("PatchCore prediction report", f"{summary['n_images']} images scored with {model_path}",
                        settings, (headers, [vals]), [sec])
     return write_report(output / "report.html", page, overwrite=True)

@@ -34,10 +34,10 @@ from .devices import apply_torch_threads
 from .errors import ImageError, ModelFileError, NotFittedError, PatchCoreError
 from .features import FeatureExtractor
 from .fitting import FitPlan, Progress
-from .thresholds import Calibration, calibrate, calibrate_scores, suspects
+from .thresholds import Calibration, calibrate, calibrate_scores, suspect_fence, suspects
 
 # What a calibration keeps about the images it was made on, through recalibration and updates.
-_CALIBRATION_RECORD = ("folds", "images", "left_out", "updates")
+_CALIBRATION_RECORD = ("folds", "images", "left_out", "updates", "floor")
 
 
 def _short_name(name: str) -> str:
@@ -421,6 +421,7 @@ class PatchCore:
         if cross is not None and self.leave_out_suspects:
             found = suspects(cross[0])
             if found and n_img - len(found) >= max(2, folds):
+                floor = suspect_fence(cross[0])
                 left_out = [[names[order[i]], cross[0][i]] for i in found]
                 keep = np.setdiff1d(np.arange(n_img), [order[i] for i in found])
                 feats, sizes = feats[torch.from_numpy(keep)], [sizes[i] for i in keep]
@@ -432,7 +433,7 @@ class PatchCore:
         t2 = time.perf_counter()
         record = {"images": [names[i] for i in order]} if cross is not None else {}
         if left_out:
-            record["left_out"] = left_out
+            record["left_out"], record["floor"] = left_out, floor
         return self.set_fitted(bank, {
             "n_images": n_img, "n_features": n_img * n_turns * h * w, "feature_dim": int(d), "grid": [h, w],
             "turns": n_turns, "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": self.sampler.shard_by,
@@ -457,7 +458,7 @@ class PatchCore:
         self.threshold_, self.calibration_ = None, {}
         if cross is not None:
             scores, maxima = cross
-            cal = calibrate_scores(scores, self.target_far, map_maxima=maxima,
+            cal = calibrate_scores(scores, self.target_far, map_maxima=maxima, floor=(record or {}).get("floor"),
                                    source=f"{folds}-fold cross-fit on {len(scores)} of the {info['n_images']} "
                                           f"fitted images")
             cal.extra.update(folds=folds, **(record or {}))
@@ -499,7 +500,8 @@ class PatchCore:
         defects = None if defect_images is None else [
             p.score for p in self.predict(defect_images, skip_unreadable=skip_unreadable, progress=progress)]
         cal = calibrate_scores(prev["scores"], far, method, map_maxima=prev.get("map_maxima"),
-                               defect_scores=defects, threshold_from=threshold_from, source=prev.get("source", "fit"))
+                               defect_scores=defects, threshold_from=threshold_from, source=prev.get("source", "fit"),
+                               floor=prev.get("floor"))
         cal.extra.update({k: prev[k] for k in _CALIBRATION_RECORD if k in prev})
         cal.extra["suspects"] = self._suspects(cal.scores, cal.extra.get("images"))
         cal.apply(self)
@@ -618,7 +620,7 @@ class PatchCore:
         scored = [names[i] for i in plan.scored_order(n_img, folds)]
         cal = calibrate_scores(
             list(prev["scores"]) + cross[0], prev.get("target_far", self.target_far), prev.get("method", "conformal"),
-            map_maxima=list(prev.get("map_maxima") or prev["scores"]) + cross[1],
+            map_maxima=list(prev.get("map_maxima") or prev["scores"]) + cross[1], floor=prev.get("floor"),
             source=f"{prev.get('source', 'fit')}; {len(cross[0])} added image(s) scored in {folds} fold(s) "
                    f"against the bank grown without them")
         cal.extra.update({k: prev[k] for k in _CALIBRATION_RECORD if k in prev})

@@ -150,6 +150,12 @@ SUSPECT_FENCE = 3.0
 SUSPECT_MIN_IMAGES = 8
 
 
+def suspect_fence(scores: Sequence[float], fence: float = SUSPECT_FENCE) -> float:
+    """The score above which a calibration image is a suspect: Q3 + ``fence`` x IQR of ``scores``."""
+    q1, q3 = np.percentile(np.asarray(scores, dtype=np.float64), [25, 75])
+    return float(q3 + fence * (q3 - q1))
+
+
 def suspects(scores: Sequence[float], fence: float = SUSPECT_FENCE) -> list[int]:
     """Positions of the calibration scores far above the others (above Q3 + ``fence`` x IQR), highest first.
 
@@ -159,8 +165,7 @@ def suspects(scores: Sequence[float], fence: float = SUSPECT_FENCE) -> list[int]
     s = np.asarray(scores, dtype=np.float64)
     if s.size < SUSPECT_MIN_IMAGES:
         return []
-    q1, q3 = np.percentile(s, [25, 75])
-    out = np.flatnonzero(s > q3 + fence * (q3 - q1))
+    out = np.flatnonzero(s > suspect_fence(s, fence))
     return [int(i) for i in out[np.argsort(-s[out], kind="stable")]]
 
 
@@ -177,11 +182,18 @@ def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float,
 
 def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: str = "conformal",
                      map_maxima: Sequence[float] | None = None, defect_scores: Sequence[float] | None = None,
-                     threshold_from: str = "far", source: str = "calibration images") -> Calibration:
-    """A :class:`Calibration` from already computed good calibration scores (and optional defect scores)."""
+                     threshold_from: str = "far", source: str = "calibration images",
+                     floor: float | None = None) -> Calibration:
+    """A :class:`Calibration` from already computed good calibration scores (and optional defect scores).
+
+    ``floor``: the threshold is never below it (a fit that left training images out as defective passes the
+    score above which it did: were they good parts after all, new parts like them are not called defective
+    more often than the training images were)."""
     method = _ALIASES.get(method, method)
     s = np.asarray(scores, dtype=np.float64)
     t, rule, resolved = threshold_for_far(s, target_far, method)
+    if floor is not None and t < floor:
+        t, rule = float(floor), f"{rule}, raised to the score above which training images were left out"
     guaranteed, statement = guarantee(int(s.size), target_far, method, resolved)
     mm = np.asarray(map_maxima if map_maxima is not None else s, dtype=np.float64)
     pt, _, _ = threshold_for_far(mm, target_far, method)
@@ -194,6 +206,8 @@ def calibrate_scores(scores: Sequence[float], target_far: float = 0.01, method: 
         needed_n=needed_images(target_far), statement=statement)
     if threshold_from not in ("far", "f1"):
         raise PatchCoreError(f"threshold_from must be 'far' or 'f1', got {threshold_from!r}")
+    if floor is not None:
+        cal.extra["floor"] = float(floor)
     if defect_scores is not None and len(defect_scores) > 0:
         d = [float(v) for v in defect_scores]
         ft, f1 = f1_threshold(list(s) + d, [0] * s.size + [1] * len(d))
