@@ -51,11 +51,11 @@ def test_a_shifted_stream_is_flagged_and_an_unshifted_one_is_not():
     same = DriftMonitor(calibration, threshold, 0.01)
     same.add(rng.normal(10.0, 1.0, 200))
     state = same.state()
-    assert state.tested and not state.drifting and "no drift" in state.in_words()
+    assert state.tested and not state.drifting and "(no drift)" in state.in_words()
     moved = DriftMonitor(calibration, threshold, 0.01)
     moved.add(rng.normal(11.5, 1.0, 200))
     state = moved.state()
-    assert state.shifted and state.excess_alarms and state.in_words().startswith("DRIFT")
+    assert state.shifted and state.excess_alarms and state.in_words().startswith("UNLIKE THE CALIBRATION")
     # Too few images: not tested, whatever they are.
     few = drift_state([99.0] * 5, calibration, threshold, 0.01)
     assert not few.tested and not few.drifting
@@ -72,7 +72,7 @@ def test_predict_summary_says_whether_a_folder_drifted(small_model, bottle, tmp_
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["drift"]["tested"] and summary["drift"]["drifting"] and summary["drift"]["n"] == 32
-    assert summary["drift_in_words"].startswith("DRIFT")
+    assert summary["drift_in_words"].startswith("UNLIKE THE CALIBRATION")
 
 
 # ------------------------------------------------------------------------------------- feedback, versions

@@ -109,10 +109,11 @@ class DriftState:
                   f"allowed by the calibration ({self.allowed_far:.2%}; p = {self.alarm_p:.2g})")
         shift = f"scores above the calibration's by KS {self.shift_ks:.2f} (p = {self.shift_p:.2g})"
         if not self.drifting:
-            return f"no drift: {alarms}; {shift}"
+            return f"like the calibration (no drift): {alarms}; {shift}"
         what = " and ".join(w for w, on in (("more alarms than calibrated", self.excess_alarms),
-                                           ("scores shifted from the calibration's", self.shifted)) if on)
-        return f"DRIFT: {what}: {alarms}; {shift}"
+                                           ("scores higher than the calibration's", self.shifted)) if on)
+        return (f"UNLIKE THE CALIBRATION, {what}: {alarms}; {shift}. Either more defective parts than usual, "
+                f"or the good parts changed (drift)")
 
 
 def drift_state(scores: Sequence[float], calibration_scores: Sequence[float], threshold: float,
