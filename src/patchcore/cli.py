@@ -14,6 +14,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -203,6 +204,21 @@ def _image_error_hint(e: ImageError) -> CliError:
     return CliError(f"{e}; pass --skip-unreadable to leave unreadable images out (they are listed)")
 
 
+def _run_job(job: Callable[[_Progress], dict[str, Any]], quiet: bool, json_out: bool) -> dict[str, Any] | None:
+    """Run one of the jobs (fit, update, predict) with progress bars unless quiet or JSON, an image error as
+    one line with its hint; then print the JSON summary and the skipped images. Returns the summary for the
+    command's own table, or None when quiet or JSON ask for nothing more."""
+    with _Progress(not (quiet or json_out)) as prog:
+        try:
+            summary = job(prog)
+        except ImageError as e:
+            raise _image_error_hint(e) from None
+    if json_out:
+        _emit_json(summary)
+    _print_skipped(summary["skipped"], quiet or json_out)
+    return None if quiet or json_out else summary
+
+
 def _rotations(text: str | None) -> tuple[int, ...] | None:
     """--rotations "90,180" (or "none") as the constructor takes it; None leaves it to the preset."""
     if text is None:
@@ -367,22 +383,15 @@ def fit(
             raise PatchCoreError("--leave-out-suspects finds the suspects in the cross-fitted scores; it does not "
                                  "work with --validation")
         params["leave_out_suspects"] = True
-    with _Progress(not (quiet or json_out)) as prog:
-        try:
-            summary = fit_folder(data, output, params, folds=folds, validation=validation, defects=defects,
-                                 threshold_method=threshold_method.value, threshold_from=threshold_from.value,
-                                 use_ray=ray is not None, address=None if ray in (None, "local") else ray,
-                                 skip_unreadable=skip_unreadable, overwrite=overwrite, progress=prog,
-                                 stage=prog.stage)
-        except ImageError as e:
-            raise _image_error_hint(e) from None
-    if json_out:
-        _emit_json(summary)
-    _print_skipped(summary["skipped"], quiet or json_out)
-    if summary["warning"] and not quiet and not json_out:
-        err_console.print(f"warning: {summary['warning']}", style="yellow", markup=False, soft_wrap=True)
-    if quiet or json_out:
+    summary = _run_job(lambda prog: fit_folder(
+        data, output, params, folds=folds, validation=validation, defects=defects,
+        threshold_method=threshold_method.value, threshold_from=threshold_from.value, use_ray=ray is not None,
+        address=None if ray in (None, "local") else ray, skip_unreadable=skip_unreadable, overwrite=overwrite,
+        progress=prog, stage=prog.stage), quiet, json_out)
+    if summary is None:
         return
+    if summary["warning"]:
+        err_console.print(f"warning: {summary['warning']}", style="yellow", markup=False, soft_wrap=True)
     t = Table(title=f"model written: {output}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
@@ -542,18 +551,12 @@ def predict(
     overlays/NAME.png (heat map blended on the image, white outline = defect mask) and masks/NAME.png
     (255 = defect). The normalised score is score / threshold, so the threshold sits at 1.0.
     """
-    with _Progress(not (quiet or json_out)) as prog:
-        try:
-            summary = predict_folder(model_path, images, output, threshold=threshold, map_format=map_format.value,
-                                     report=report, device=device, batch_size=batch_size, use_ray=ray is not None,
-                                     address=None if ray in (None, "local") else ray, workers=workers,
-                                     skip_unreadable=skip_unreadable, overwrite=overwrite, progress=prog)
-        except ImageError as e:
-            raise _image_error_hint(e) from None
-    if json_out:
-        _emit_json(summary)
-    _print_skipped(summary["skipped"], quiet or json_out)
-    if quiet or json_out:
+    summary = _run_job(lambda prog: predict_folder(
+        model_path, images, output, threshold=threshold, map_format=map_format.value, report=report,
+        device=device, batch_size=batch_size, use_ray=ray is not None,
+        address=None if ray in (None, "local") else ray, workers=workers, skip_unreadable=skip_unreadable,
+        overwrite=overwrite, progress=prog), quiet, json_out)
+    if summary is None:
         return
     _print_predictions(summary["images"], summary, output)
 
@@ -837,16 +840,10 @@ def update(
 ) -> None:
     """Add good images to a model without refitting: their patch features join the memory bank by the coreset's
     rule, and the threshold is recalibrated with them (cross-fitted) for the same false-alarm rate."""
-    with _Progress(not (quiet or json_out)) as prog:
-        try:
-            summary = update_model(model_path, images, output, device=device, skip_unreadable=skip_unreadable,
-                                   overwrite=overwrite, progress=prog)
-        except ImageError as e:
-            raise _image_error_hint(e) from None
-    if json_out:
-        _emit_json(summary)
-    _print_skipped(summary["skipped"], quiet or json_out)
-    if quiet or json_out:
+    summary = _run_job(lambda prog: update_model(model_path, images, output, device=device,
+                                                 skip_unreadable=skip_unreadable, overwrite=overwrite,
+                                                 progress=prog), quiet, json_out)
+    if summary is None:
         return
     b, a = summary["before"], summary["after"]
 
