@@ -60,11 +60,15 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def split_train(ds: Dataset, args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """The first ``--first`` good training images (drawn by seed, in file order) and the others."""
+    order = np.random.default_rng(args.seed).permutation(len(ds.train))
+    return ([ds.train[i] for i in sorted(order[:args.first])], [ds.train[i] for i in sorted(order[args.first:])])
+
+
 def update_run(args: argparse.Namespace) -> dict:
     ds = read_mvtec(Path(args.data) / args.category)
-    order = np.random.default_rng(args.seed).permutation(len(ds.train))
-    first = [ds.train[i] for i in sorted(order[:args.first])]
-    rest = [ds.train[i] for i in sorted(order[args.first:])]
+    first, rest = split_train(ds, args)
     out = {"category": args.category, "n_first": len(first), "n_added": len(rest), "load_start": load()}
 
     t = time.perf_counter()
@@ -156,9 +160,7 @@ def drift_run(args: argparse.Namespace) -> dict:
     from patchcore.core.drift import WINDOW, DriftMonitor
 
     ds = read_mvtec(Path(args.data) / args.category)
-    order = np.random.default_rng(args.seed).permutation(len(ds.train))
-    first = [ds.train[i] for i in sorted(order[:args.first])]
-    pool = [ds.train[i] for i in sorted(order[args.first:])]
+    first, pool = split_train(ds, args)
     model = PatchCore(seed=args.seed).fit(first)
     cal = model.calibration_
     scores = {"unshifted": model.score_samples(pool)}
@@ -201,9 +203,7 @@ def drift_run(args: argparse.Namespace) -> dict:
 
 def feedback_run(args: argparse.Namespace) -> dict:
     ds = read_mvtec(Path(args.data) / args.category)
-    order = np.random.default_rng(args.seed).permutation(len(ds.train))
-    first = [ds.train[i] for i in sorted(order[:args.first])]
-    others = [ds.train[i] for i in sorted(order[args.first:])]
+    first, others = split_train(ds, args)
     model = PatchCore(seed=args.seed).fit(first)
     bound = model.calibration_.get("guaranteed_far")
     stream = [("test good", read_image_of(s.path)) for s in ds.test if s.label == 0]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core.search import CellSearch
 from .coreset import CellRunner, CoresetSampler, coreset_size, greedy_coreset, random_projection, shard_coresets
 from .errors import PatchCoreError
 
@@ -134,7 +133,7 @@ class FitPlan:
             del x
         return banks[0], banks[1:], self.n_parts(n_img * per_image)
 
-    def grow(self, bank: np.ndarray, feats: torch.Tensor, nearest: np.ndarray | None = None) -> torch.Tensor:
+    def grow(self, bank: np.ndarray, feats: torch.Tensor, nearest: np.ndarray) -> torch.Tensor:
         """Indices of the new patch features ``feats`` (M, D) that join ``bank``, by the coreset's own rule: the
         greedy k-center selection continued from the bank, on the fit's seeded projection (the new feature
         farthest from the bank and from those already added first), ``coreset_ratio`` of them, as many as a
@@ -142,21 +141,18 @@ class FitPlan:
         variant's features get the places.
 
         ``nearest``: each new feature's nearest bank feature in the full feature space (the model's own
-        search, which the update needs anyway for its calibration); a feature's distance to the bank is then
-        taken, on the projection, to that bank feature: at least the exact projected distance, and equal to it
-        wherever the projection keeps the nearest neighbour (it is built to keep distances). Without it the
-        projected distances are searched exactly, which prunes poorly on the projection (screw: 62 % of the
-        bank compared, 18 s for 90 images, against 6 s for the full-space search)."""
+        search, which the update needs anyway for its calibration); a feature's distance to the bank is taken,
+        on the projection, to that bank feature: at least the exact projected distance, and equal to it
+        wherever the projection keeps the nearest neighbour (it is built to keep distances). Searching the
+        projection exactly instead pruned poorly (screw: 62 % of the bank compared, 18 s for 90 images,
+        against 6 s for the full-space search)."""
         n_keep = self.n_keep(len(feats))
         if n_keep >= len(feats):
             return torch.arange(len(feats))
         dim = self.sampler.projection_dim
         z = random_projection(feats, dim, self.seed)
         zb = random_projection(torch.from_numpy(bank), dim, self.seed)
-        if nearest is None:
-            initial = torch.from_numpy(CellSearch(zb.numpy(), seed=self.seed).nearest(z.numpy())[0])
-        else:
-            initial = (z - zb[torch.from_numpy(np.asarray(nearest, dtype=np.int64))]).norm(dim=1)
+        initial = (z - zb[torch.from_numpy(np.asarray(nearest, dtype=np.int64))]).norm(dim=1)
         return greedy_coreset(z, n_keep, seed=self.seed, initial=initial)
 
     def scored_order(self, n_images: int, folds: int) -> list[int]:
@@ -168,13 +164,19 @@ class FitPlan:
         """Scores and map maxima of (at most ``calibration_max_images``, drawn evenly from the folds) images of
         ``feats`` (N, h, w, D), each against ``fold_banks[j]``, the bank selected without its fold j. Folds are
         scored ``n_jobs`` at a time."""
-        folds = len(fold_banks)
-        _, scored_of = self.calibration_split(feats.shape[0], folds)
+        _, scored_of = self.calibration_split(feats.shape[0], len(fold_banks))
+        return self.score_folds(lambda j: scorer(fold_banks[j], feats[torch.from_numpy(scored_of[j])].float(),
+                                                 [sizes[i] for i in scored_of[j]]), len(fold_banks), progress)
+
+    def score_folds(self, one: Callable[[int], list[tuple[float, float]]], folds: int,
+                    progress: Progress | None = None) -> tuple[list[float], list[float]]:
+        """(scores, map maxima) of ``one(j)``, fold j's (score, map maximum) pairs, for every fold in order; folds
+        are scored ``n_jobs`` at a time (threads), each reported to ``progress`` as "calibration" when done. The
+        cross-fit of a fit and of an update (:meth:`patchcore.PatchCore.update`) both run here."""
         done = [0]
 
-        def one(j: int) -> list[tuple[float, float]]:
-            scored = scored_of[j]
-            out = scorer(fold_banks[j], feats[torch.from_numpy(scored)].float(), [sizes[i] for i in scored])
+        def run(j: int) -> list[tuple[float, float]]:
+            out = one(j)
             done[0] += 1
             if progress:
                 progress("calibration", done[0], folds)
@@ -182,9 +184,9 @@ class FitPlan:
 
         jobs = max(1, min(folds, self.n_jobs or os.cpu_count() or 1))
         if jobs == 1:
-            results = [one(j) for j in range(folds)]
+            results = [run(j) for j in range(folds)]
         else:
             with ThreadPoolExecutor(jobs) as pool:
-                results = list(pool.map(one, range(folds)))
+                results = list(pool.map(run, range(folds)))
         pairs = [pair for fold in results for pair in fold]
         return [a for a, _ in pairs], [b for _, b in pairs]

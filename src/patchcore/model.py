@@ -12,7 +12,6 @@ import inspect
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -461,9 +460,7 @@ class PatchCore:
             cal = calibrate_scores(scores, self.target_far, map_maxima=maxima, floor=(record or {}).get("floor"),
                                    source=f"{folds}-fold cross-fit on {len(scores)} of the {info['n_images']} "
                                           f"fitted images")
-            cal.extra.update(folds=folds, **(record or {}))
-            cal.extra["suspects"] = self._suspects(cal.scores, cal.extra.get("images"))
-            cal.apply(self)
+            self._apply_calibration(cal, {"folds": folds, **(record or {})})
             self._info["calibration_seconds"] = time.perf_counter() - selected
             self._info["fit_seconds"] = time.perf_counter() - started
         return self
@@ -502,18 +499,20 @@ class PatchCore:
         cal = calibrate_scores(prev["scores"], far, method, map_maxima=prev.get("map_maxima"),
                                defect_scores=defects, threshold_from=threshold_from, source=prev.get("source", "fit"),
                                floor=prev.get("floor"))
-        cal.extra.update({k: prev[k] for k in _CALIBRATION_RECORD if k in prev})
-        cal.extra["suspects"] = self._suspects(cal.scores, cal.extra.get("images"))
-        cal.apply(self)
+        self._apply_calibration(cal, {k: prev[k] for k in _CALIBRATION_RECORD if k in prev})
         return cal
 
-    @staticmethod
-    def _suspects(scores: list[float], names: list[str] | None) -> list[list]:
-        """[name, score] of the calibration images that look defective (:func:`patchcore.thresholds.suspects`),
-        highest first; names are "#i" (the i-th calibration score) where the model did not record them."""
-        if names is None or len(names) != len(scores):
-            names = [f"#{i}" for i in range(len(scores))]
-        return [[names[i], float(scores[i])] for i in suspects(scores)]
+    def _apply_calibration(self, cal: Calibration, record: dict[str, Any]) -> None:
+        """Make ``cal`` the model's calibration, with ``record`` (what it keeps about its images: their names,
+        folds, those left out, updates) and the suspects: [name, score] of the calibration images that look
+        defective (:func:`patchcore.thresholds.suspects`), highest first, named "#i" (the i-th calibration
+        score) where the model did not record the names."""
+        cal.extra.update(record)
+        names = cal.extra.get("images")
+        if names is None or len(names) != len(cal.scores):
+            names = [f"#{i}" for i in range(len(cal.scores))]
+        cal.extra["suspects"] = [[names[i], float(cal.scores[i])] for i in suspects(cal.scores)]
+        cal.apply(self)
 
     # ----------------------------------------------------------------------------------------- update
     def _cross_fit_added(self, feats: torch.Tensor, sizes: list[tuple[int, int]], added: np.ndarray,
@@ -531,7 +530,6 @@ class PatchCore:
             fold_of[held] = j
         n, gh, gw, dd = feats.shape
         hw, pre, b = gh * gw, self.preprocessing, int(self.num_neighbors)
-        done = [0]
 
         def one(j: int) -> list[tuple[float, float]]:
             scored = scored_of[j]
@@ -550,15 +548,9 @@ class PatchCore:
                 score, amap = score_patches(dist[r], nn[r], flat[r], grown.bank, support, b, (gh, gw), pre,
                                             float(self.sigma), tuple(sizes[i]))
                 out.append((score, float(amap.max())))
-            done[0] += 1
-            if progress:
-                progress("calibration", done[0], folds)
             return out
 
-        jobs = max(1, min(folds, int(self.n_jobs or os.cpu_count() or 1)))
-        with ThreadPoolExecutor(jobs) as pool:  # folds at a time, as a fit's cross-fit scores them
-            pairs = [pair for fold in pool.map(one, range(folds)) for pair in fold]
-        return [a for a, _ in pairs], [m for _, m in pairs]
+        return plan.score_folds(one, folds, progress)
 
     def update(self, images: ImagesLike, skip_unreadable: bool = False,
                progress: Progress | None = None) -> PatchCore:
@@ -623,12 +615,10 @@ class PatchCore:
             map_maxima=list(prev.get("map_maxima") or prev["scores"]) + cross[1], floor=prev.get("floor"),
             source=f"{prev.get('source', 'fit')}; {len(cross[0])} added image(s) scored in {folds} fold(s) "
                    f"against the bank grown without them")
-        cal.extra.update({k: prev[k] for k in _CALIBRATION_RECORD if k in prev})
-        cal.extra["images"] = (old_names + scored) if old_names and len(old_names) == len(prev["scores"]) else None
-        cal.extra["updates"] = list(prev.get("updates", [])) + [{"images": n_img, "scored": len(scored),
-                                                                 "folds": folds}]
-        cal.extra["suspects"] = self._suspects(cal.scores, cal.extra["images"])
-        cal.apply(self)
+        self._apply_calibration(cal, {
+            **{k: prev[k] for k in _CALIBRATION_RECORD if k in prev},
+            "images": (old_names + scored) if old_names and len(old_names) == len(prev["scores"]) else None,
+            "updates": list(prev.get("updates", [])) + [{"images": n_img, "scored": len(scored), "folds": folds}]})
         return self
 
     # ---------------------------------------------------------------------------------------- fitted
