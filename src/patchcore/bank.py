@@ -43,14 +43,16 @@ class MemoryBank:
     def nearest(self, queries: np.ndarray, n_jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Distance and index of each query's nearest bank feature, shape (Q,): the same answer as
         ``search(queries, 1)`` (up to float rounding), comparing each query with a fraction of the bank.
-        ``n_jobs`` > 1 searches chunks of many queries in that many threads (the search runs BLAS on one
-        thread each: see :mod:`patchcore.core.search`), for batch work such as an update."""
-        chunk = 16384
-        if n_jobs <= 1 or len(queries) <= chunk:
+        ``n_jobs`` > 1 searches chunks of at least 2,048 queries in that many threads (the search runs BLAS on
+        one thread each: see :mod:`patchcore.core.search`), for a batch of images or an update."""
+        n = len(queries)
+        jobs = max(1, min(int(n_jobs), n // 2048))
+        if jobs <= 1:
             d, i, _ = self._cells.nearest(queries)
             return d, i
-        parts = [queries[k:k + chunk] for k in range(0, len(queries), chunk)]
-        with ThreadPoolExecutor(int(n_jobs)) as pool:
+        chunk = min(16384, -(-n // jobs))  # at most 16,384: the search holds a (chunk x cells) table
+        parts = [queries[k:k + chunk] for k in range(0, n, chunk)]
+        with ThreadPoolExecutor(jobs) as pool:
             found = list(pool.map(self._cells.nearest, parts))
         return np.concatenate([d for d, _, _ in found]), np.concatenate([i for _, i, _ in found])
 

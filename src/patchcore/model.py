@@ -27,6 +27,7 @@ from .core.imagefiles import ImagesLike, Item, as_items, iter_loaded
 from .core.prediction import Prediction
 from .core.scoring import score_assembled, score_patches
 from .core.search import CellSearch
+from .core.threads import threads
 from .core.tiling import Assembled, crop, tile_grid
 from .coreset import CoresetSampler
 from .devices import apply_torch_threads
@@ -588,8 +589,7 @@ class PatchCore:
         before = len(self._bank)
         flat = feats.reshape(-1, d)
         # One search of the old bank serves both: the coreset's starting distances and the calibration.
-        jobs = max(1, int(self.n_jobs or os.cpu_count() or 1))
-        dist, nn = self.memory().nearest(flat.float().numpy(), n_jobs=jobs)
+        dist, nn = self.memory().nearest(flat.float().numpy(), n_jobs=self._search_jobs())
         picks = plan.grow(self._bank, flat, nearest=nn)
         added = flat.index_select(0, picks).float().numpy()
         t1 = time.perf_counter()
@@ -650,6 +650,11 @@ class PatchCore:
         return self._search
 
     # ---------------------------------------------------------------------------------------- predict
+    def _search_jobs(self) -> int:
+        """Threads searching a batch's patches: ``n_jobs``, else the process's thread decision
+        (PATCHCORE_THREADS: one for ``patchcore serve``), else one per CPU."""
+        return max(1, int(self.n_jobs or threads() or os.cpu_count() or 1))
+
     def score_features(self, bank: MemoryBank | np.ndarray, feats: torch.Tensor, sizes: list[tuple[int, int]]
                        ) -> list[tuple[float, np.ndarray]]:
         """(image score, anomaly map at the image's own size) for each image's (h, w, D) patch features,
@@ -690,7 +695,7 @@ class PatchCore:
                 f = self._forward(crop(x, t))
                 n, gh, gw, d = f.shape
                 flat = f.reshape(-1, d).float().numpy()
-                dist, nn = bank.nearest(flat)
+                dist, nn = bank.nearest(flat, n_jobs=self._search_jobs())
                 k = gh * gw
                 for i, acc in enumerate(accs):
                     acc.add(t, dist[i * k:(i + 1) * k], nn[i * k:(i + 1) * k], flat[i * k:(i + 1) * k], (gh, gw))
