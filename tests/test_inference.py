@@ -9,14 +9,15 @@ from PIL import Image
 
 from patchcore.core.imagefiles import check_image_bytes, read_image, read_image_bytes
 from patchcore.errors import ImageError, PatchCoreError
-from patchcore.inference import defect_polygons, load_model, result_of, score_image, thresholds_in_force
+from patchcore.inference import defect_polygons, load_model, result_of, thresholds_in_force
 
 
 @pytest.fixture(scope="module")
 def scored(small_model, bottle):
     model = load_model(small_model)
     image = read_image(bottle / "test" / "broken_large" / "000.png")
-    return model, image, score_image(model, image, thresholds_in_force(model))
+    (pred,) = model.predict([image])
+    return model, image, result_of(pred, image, thresholds_in_force(model))
 
 
 def test_the_map_view_reproduces_the_defect_mask_at_any_threshold(scored):

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .core.prediction import Prediction
-from .errors import ImageError, ModelFileError, PatchCoreError
+from .errors import ModelFileError, PatchCoreError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .model import PatchCore
 
 __all__ = ["load_model", "check_headers", "describe_threshold", "Thresholds", "thresholds_in_force",
-           "ImageResult", "result_of", "score_image", "defect_polygons", "percent", "THRESHOLD_OVERRIDDEN"]
+           "ImageResult", "result_of", "defect_polygons", "percent", "THRESHOLD_OVERRIDDEN"]
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -185,12 +185,3 @@ def result_of(prediction: Prediction, image: np.ndarray, thresholds: Thresholds)
     """Put a prediction at the thresholds in force (its verdict and mask follow them)."""
     prediction.threshold, prediction.pixel_threshold = thresholds.image, thresholds.pixel
     return ImageResult(prediction, image, thresholds)
-
-
-def score_image(model: Any, image: np.ndarray, thresholds: Thresholds, name: str = "image") -> ImageResult:
-    """Score one decoded RGB image with ``model`` (anything with PatchCore's ``predict``)."""
-    if not isinstance(image, np.ndarray):
-        raise ImageError(f"{name}: expected a decoded image array")
-    (pred,) = model.predict([image])
-    pred.name = name
-    return result_of(pred, image, thresholds)

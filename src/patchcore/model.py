@@ -40,6 +40,9 @@ from .thresholds import Calibration, calibrate, calibrate_scores, suspect_fence,
 _CALIBRATION_RECORD = ("folds", "images", "left_out", "updates", "floor")
 
 
+NO_GOOD_IMAGES = "no readable good images to fit on"
+
+
 def _short_name(name: str) -> str:
     """An image's name as a model file records it: its folder and file name, without the machine's path."""
     return "/".join(Path(name).parts[-2:]) if ("/" in name or os.sep in name) else name
@@ -235,7 +238,7 @@ class PatchCore:
                 if not skip_unreadable:
                     raise
         if not sizes:
-            raise PatchCoreError("no readable good images to fit on")
+            raise PatchCoreError(NO_GOOD_IMAGES)
         return input_size_for(sizes, self.image_size or settings.preset(self.preset).resize[0], self.scale)
 
     def channels_for(self, images: ImagesLike, skip_unreadable: bool = False) -> str:
@@ -245,7 +248,7 @@ class PatchCore:
         for _, rgb in iter_loaded(as_items(images)[:1] if not skip_unreadable else as_items(images),
                                   skip_unreadable):
             return "gray" if is_gray(rgb) else "color"
-        raise PatchCoreError("no readable good images to fit on")
+        raise PatchCoreError(NO_GOOD_IMAGES)
 
     def set_geometry(self, input_size: tuple[int, int] | None, channels: str | None) -> PatchCore:
         """Set what a fit chooses from its good images, the network input size and the channels ("gray" or
@@ -386,7 +389,7 @@ class PatchCore:
             if progress:
                 progress("features", len(sizes), len(items))
         if not chunks:
-            raise PatchCoreError("no readable good images to fit on")
+            raise PatchCoreError(NO_GOOD_IMAGES)
         return torch.cat(chunks), sizes
 
     # -------------------------------------------------------------------------------------------- fit
