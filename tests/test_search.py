@@ -75,3 +75,16 @@ def test_memory_bank_nearest_and_eq7_support_agree_with_search():
     s = mb.support(7, 5)
     assert s[0] == 7 and len(s) == 5 and len(set(s.tolist())) == 5
     assert mb.support(7, 5) is s  # cached
+
+
+def test_threaded_chunks_give_the_one_call_answer():
+    """A batch's patches are searched in chunks on several threads (predict, update): chunking must not change
+    any neighbour or distance, whatever the chunk boundaries."""
+    rng = np.random.default_rng(2)
+    bank = clustered(rng, 6000, 24, 40, 0.5)
+    mb = MemoryBank(bank)
+    q = (bank[rng.integers(0, 6000, 9000)] + rng.normal(0, 0.3, (9000, 24))).astype(np.float32)
+    d1, i1 = mb.nearest(q)
+    for jobs in (2, 3, 4):
+        d, i = mb.nearest(q, n_jobs=jobs)
+        assert (i == i1).all() and np.array_equal(d, d1)
