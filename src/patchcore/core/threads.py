@@ -15,8 +15,8 @@ def threads() -> int | None:
 
     One decision for the whole process, because the libraries do not know of each other: on a machine with
     other work, a pool of one thread per core per library makes every matrix product wait for cores that are
-    busy (docs/benchmarks.md, section 15). The bank search's BLAS products run on one thread whatever this
-    says (patchcore.core.search)."""
+    busy (docs/benchmarks.md, section 15). The bank search's BLAS products run on one thread each whatever
+    this says (patchcore.core.search); it says how many such searches split a large batch of patches."""
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return None
