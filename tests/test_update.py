@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from patchcore import PatchCore
 from patchcore.cli import app
 from patchcore.core.imagefiles import read_image
-from patchcore.coreset import coreset_size, greedy_coreset
+from patchcore.coreset import CoresetSampler, cell_coreset, coreset_size, greedy_coreset, kmeans_cells
 from patchcore.thresholds import calibrate_scores, suspect_fence, suspects
 
 SMALL = dict(image_size=160, coreset_ratio=0.05, calibration_folds=3, target_far=0.1, device="cpu")
@@ -28,6 +28,32 @@ def test_a_selection_continued_from_its_first_centres_is_the_selection_in_one_go
     distance = (z[:, None, :] - z[first][None]).pow(2).sum(-1).min(1).values.sqrt()
     rest = greedy_coreset(z, 180, seed=3, method=method, initial=distance)
     assert rest.tolist() == whole[120:].tolist()
+
+
+def test_cells_continued_from_a_bank_choose_what_it_does_not_cover():
+    """A large update's selection runs in k-means cells, each continued from the bank: in one cell it is the
+    continued greedy selection itself; with several, the places go to the new points the bank leaves far."""
+    z = torch_randn(3000, 8)
+    initial = torch_randn(3000).abs() * 0.5 + 2.0
+    one = cell_coreset(z, 200, np.zeros(3000, dtype=np.int64), seed=1, initial=initial)
+    assert one.tolist() == greedy_coreset(z, 200, seed=1, method="plain", initial=initial).tolist()
+    import torch
+
+    covered = torch.cat([z[:1500] * 0.1, z[1500:] * 0.1 + 20.0])  # two clusters; the bank sits on the first
+    start = torch.cat([torch.full((1500,), 1e-3), (covered[1500:] - covered[1500:].mean(0)).norm(dim=1) + 20.0])
+    labels, _ = kmeans_cells(covered, 6, seed=0)
+    picks = cell_coreset(covered, 100, labels, seed=0, n_jobs=2, initial=start)
+    assert len(set(picks.tolist())) == 100
+    assert (picks >= 1500).float().mean() >= 0.95  # a cell on the covered cluster still takes its first centre
+
+
+def test_a_large_update_is_selected_in_cells_and_still_grows_by_a_fits_share(bottle):
+    model = PatchCore(**SMALL, sampler=CoresetSampler(shard_features=2000)).fit(goods(bottle, 6))
+    before = len(model.memory_bank_)
+    model.update(goods(bottle, 6, start=6))
+    grid = model.fit_info_["grid"]
+    assert len(model.memory_bank_) - before == coreset_size(6 * grid[0] * grid[1], SMALL["coreset_ratio"])
+    assert len(np.unique(model.memory_bank_, axis=0)) == len(model.memory_bank_)
 
 
 def torch_randn(*shape):

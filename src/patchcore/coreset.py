@@ -253,9 +253,9 @@ class CellGroup:
     :func:`cell_coreset` runs here, and what each Ray worker runs for :mod:`patchcore.distributed`. With
     ``exchange`` the cells also hear of the other cells' centres (:meth:`hear`)."""
 
-    def __init__(self, cells: Sequence[tuple[torch.Tensor, int]], n_jobs: int | None = 1,
-                 exchange: bool = False) -> None:
-        self.cells = [_Cell(z, start) for z, start in cells]
+    def __init__(self, cells: Sequence[tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor | None]],
+                 n_jobs: int | None = 1, exchange: bool = False) -> None:
+        self.cells = [_Cell(*cell) for cell in cells]  # (points, start[, initial distances])
         self.jobs = max(1, min(len(self.cells), n_jobs or os.cpu_count() or 1))
         self.told = [0] * len(self.cells)
         if exchange:
@@ -352,7 +352,7 @@ def _reach(c: torch.Tensor, owner: torch.Tensor, mu: torch.Tensor, gap: torch.Te
 
 def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_jobs: int | None = None,
                  progress: Progress | None = None, runner: CellRunner | None = None,
-                 centroids: np.ndarray | None = None) -> torch.Tensor:
+                 centroids: np.ndarray | None = None, initial: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center inside each cell of ``labels``
     (see the module): every cell runs its loop down to a shared radius, which is lowered in small steps
     until the cells hold ``n`` centres between them; the ``n`` centres chosen farthest from the others of
@@ -366,7 +366,8 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     docs/scaling.md) for about twice the selection time.
 
     Cells run here, ``n_jobs`` at a time (threads), or where ``runner`` puts them (the selection is the
-    same). Deterministic for a seed."""
+    same). Deterministic for a seed. ``initial``: as for :func:`greedy_coreset`, each point's distance to
+    centres chosen before (a fitted bank that new points join; here, not with ``runner``)."""
     z = z.float().contiguous()
     if not 1 <= n <= len(z):
         raise ValueError(f"coreset size must be between 1 and {len(z)}, got {n}")
@@ -375,7 +376,11 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     if len(members) > n:
         raise ValueError(f"{len(members)} cells cannot share {n} centres: use fewer cells")
     exchange = centroids is not None and len(members) > 1
+    if initial is not None and (runner is not None or initial.shape != (len(z),)):
+        raise ValueError("initial takes one distance per point, and the cells run here")
     cells = [(z.index_select(0, m), _seeded_start(len(m), seed + i)) for i, m in enumerate(members)]
+    if initial is not None:
+        cells = [(c, start, initial.index_select(0, m)) for (c, start), m in zip(cells, members)]
     group = CellGroup(cells, n_jobs, exchange) if runner is None else runner(cells, exchange)
     del cells
     if exchange:
