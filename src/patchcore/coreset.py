@@ -580,12 +580,20 @@ class CoresetSampler:
         model's own bank (not a calibration fold's), which ``cell_exchange`` and ``exact_bank`` apply to."""
         if n_keep >= len(x):
             return torch.arange(len(x))
-        cells = self.n_cells(len(x), n_keep)
-        z = random_projection(x, self.projection_dim, seed)
+        return self.select(random_projection(x, self.projection_dim, seed), n_keep, seed, model_bank=model_bank,
+                           n_jobs=n_jobs, progress=progress, runner=runner)
+
+    def select(self, z: torch.Tensor, n_keep: int, seed: int = 0, *, model_bank: bool = False,
+               n_jobs: int | None = None, progress: Progress | None = None, runner: CellRunner | None = None,
+               initial: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`run` on features already projected (``z``, N x ``projection_dim``), ``n_keep`` < N.
+        ``initial``: each point's distance to centres chosen before (a fitted bank that new points join:
+        :meth:`patchcore.fitting.FitPlan.grow`); every way of selecting continues from it."""
+        cells = self.n_cells(len(z), n_keep)
         if cells == 1:
-            return greedy_coreset(z, n_keep, seed=seed, progress=progress)
+            return greedy_coreset(z, n_keep, seed=seed, progress=progress, initial=initial)
         if self.exact_bank and model_bank:
-            return lazy_greedy(z, n_keep, seed, progress)
+            return lazy_greedy(z, n_keep, seed, progress, initial=initial)
         labels, centroids = kmeans_cells(z, cells, seed)
         return cell_coreset(z, n_keep, labels, seed, n_jobs, progress, runner,
-                            centroids if self.cell_exchange and model_bank else None)
+                            centroids if self.cell_exchange and model_bank else None, initial=initial)

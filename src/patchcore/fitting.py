@@ -22,10 +22,7 @@ import torch
 from .coreset import (
     CellRunner,
     CoresetSampler,
-    cell_coreset,
     coreset_size,
-    greedy_coreset,
-    kmeans_cells,
     random_projection,
     shard_coresets,
 )
@@ -147,9 +144,9 @@ class FitPlan:
         greedy k-center selection continued from the bank, on the fit's seeded projection (the new feature
         farthest from the bank and from those already added first), ``coreset_ratio`` of them, as many as a
         fit would keep of them. Features the bank already covers well are never the farthest, so a new
-        variant's features get the places. More new features than the sampler selects in one piece are
-        split into k-means cells as a fit splits them (:func:`patchcore.coreset.cell_coreset`), each cell
-        continuing from the bank, ``n_jobs`` at a time.
+        variant's features get the places. The sampler selects them as it selects a calibration fold's bank
+        (:meth:`patchcore.coreset.CoresetSampler.select`): more new features than it takes in one piece are
+        split into k-means cells, each continuing from the bank, ``n_jobs`` at a time.
 
         ``nearest``: each new feature's nearest bank feature in the full feature space (the model's own
         search, which the update needs anyway for its calibration); a feature's distance to the bank is taken,
@@ -164,11 +161,7 @@ class FitPlan:
         z = random_projection(feats, dim, self.seed)
         zb = random_projection(torch.from_numpy(bank), dim, self.seed)
         initial = (z - zb[torch.from_numpy(np.asarray(nearest, dtype=np.int64))]).norm(dim=1)
-        cells = self.sampler.n_cells(len(feats), n_keep)
-        if cells > 1:  # as a fit splits a selection this large: k-means cells, selected n_jobs at a time
-            labels, _ = kmeans_cells(z, cells, self.seed)
-            return cell_coreset(z, n_keep, labels, self.seed, self.n_jobs, initial=initial)
-        return greedy_coreset(z, n_keep, seed=self.seed, initial=initial)
+        return self.sampler.select(z, n_keep, self.seed, n_jobs=self.n_jobs, initial=initial)
 
     def scored_order(self, n_images: int, folds: int) -> list[int]:
         """The images :meth:`cross_fit` scores, in the order of its scores."""

@@ -690,6 +690,7 @@ class PatchCore:
         tiles = pre.tiles(net.cell())
         grid = tile_grid(tiles)
         support = bank.support_of(self.num_neighbors)
+        jobs = self._search_jobs()
         done = 0
         for batch_items, imgs, x in self._inputs(items, skip_unreadable):
             sizes = [tuple(a.shape[:2]) for a in imgs]
@@ -698,7 +699,7 @@ class PatchCore:
                 f = self._forward(crop(x, t))
                 n, gh, gw, d = f.shape
                 flat = f.reshape(-1, d).float().numpy()
-                dist, nn = bank.nearest(flat, n_jobs=self._search_jobs())
+                dist, nn = bank.nearest(flat, n_jobs=jobs)
                 k = gh * gw
                 for i, acc in enumerate(accs):
                     acc.add(t, dist[i * k:(i + 1) * k], nn[i * k:(i + 1) * k], flat[i * k:(i + 1) * k], (gh, gw))
