@@ -4,15 +4,19 @@
     python benchmarks/line_latency.py --busy --threads 1    # one busy process beside it; PATCHCORE_THREADS=1
     python benchmarks/line_latency.py --model m.safetensors --export m-export --json out/line.json
 
-Rows, each image scored alone (batch 1) after 3 warm-up images, over --images bottle test images:
+Rows, each image scored alone (batch 1) after 3 warm-up images, --rounds times over --images bottle test images,
+**interleaved**: each image goes through every row in turn, the order rotating from image to image, so that a
+neighbour that slows the machine for a while slows every row alike (p99: the ceil(0.99 n)-th smallest sample):
 
 - ``library``: ``PatchCore.load(model).predict([path])`` in this process;
 - ``runtime (fast)``: ``patchcore.runtime.load(export).predict([path])`` in this process;
 - ``service, model file`` / ``service, export``: ``patchcore serve`` in a subprocess serving both, one request
   after the other over loopback (raw PNG body); the client's wall time per request;
-- ``torch-free service``: ``patchcore serve`` of the export alone, in a process where torch cannot be imported;
-- ``8 clients``: closed-loop clients against the model-file service for --seconds: answers per second, errors,
-  the server's resident memory before and after; beside it the library's best batch throughput (batch 8).
+- ``torch-free service``: ``patchcore serve`` of the export alone, in a process where torch cannot be imported
+  (started first and alone, for its cold start: process start, import, load, first answer);
+- ``8 clients``: closed-loop clients against the model-file service, --seconds in --slices slices, each slice
+  after a slice of the library's batch-8 throughput: answers per second, errors, the server's resident memory
+  after each slice.
 
 ``--busy`` starts a pure-Python busy loop beside the run (another job on the machine); ``--threads N`` sets
 PATCHCORE_THREADS for this process and the servers. Only 127.0.0.1 is contacted; every loop is bounded.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,8 +39,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-from latency import timed
 from load_service import free_port, rss_mb
 
 from _data import add_data_argument
@@ -89,12 +94,32 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def _timed(fn, items) -> dict[str, float]:
-    """latency.timed's loop (3 warm-up items, then each item timed); p99 is the 99th-rank sample, not an
-    interpolation, so that with 30 images it is the slowest one."""
-    ms = sorted(timed(fn, items))
-    return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
-            "max_ms": ms[-1]}
+def _nearest_rank(ms: list[float], q: float) -> float:
+    """The q-quantile as the ceil(q * n)-th smallest sample: with 120 samples, p99 is the second slowest."""
+    ms = sorted(ms)
+    return ms[max(0, math.ceil(q * len(ms)) - 1)]
+
+
+def _interleaved(rows: dict[str, Callable[[int], object]], n_items: int, rounds: int) -> dict[str, dict]:
+    """Each item is scored by every row in turn, the order rotating from item to item, so that a neighbour
+    that slows the machine for a while slows every row alike (timing the rows one block after another made
+    their ratios as noisy as the machine). 3 warm-up items per row first."""
+    names = list(rows)
+    for name in names:
+        for i in range(min(3, n_items)):
+            rows[name](i)
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    k = 0
+    for _ in range(rounds):
+        for i in range(n_items):
+            for j in range(len(names)):
+                name = names[(j + k) % len(names)]
+                t = time.perf_counter()
+                rows[name](i)
+                ms[name].append((time.perf_counter() - t) * 1e3)
+            k += 1
+    return {name: {"n": len(v), "p50_ms": statistics.median(v), "p99_ms": _nearest_rank(v, 0.99),
+                   "max_ms": max(v)} for name, v in ms.items()}
 
 
 def _clients(port: int, name: str, bodies: list[bytes], n: int, seconds: float) -> dict[str, float]:
@@ -124,14 +149,25 @@ def _clients(port: int, name: str, bodies: list[bytes], n: int, seconds: float) 
     return {"answers_per_s": done[0] / (time.monotonic() - t0), "answers": done[0], "errors": errors[0]}
 
 
+
+def _posting(port: int, name: str) -> Callable[[bytes], None]:
+    def post(body: bytes) -> None:
+        status, text = _post(port, name, body)
+        if status != 200:
+            raise RuntimeError(f"{name}: HTTP {status}: {text[:200]!r}")
+    return post
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(ap)
     ap.add_argument("--model", type=Path, help="model file (default: fit the default model on bottle)")
     ap.add_argument("--export", type=Path, help="its export folder (default: export the model)")
-    ap.add_argument("--images", type=int, default=30, help="test images per row")
+    ap.add_argument("--images", type=int, default=40, help="test images per round")
+    ap.add_argument("--rounds", type=int, default=3, help="times each image is scored by each row")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20.0, help="length of the clients phase")
+    ap.add_argument("--seconds", type=float, default=24.0, help="length of the clients phase, in --slices parts")
+    ap.add_argument("--slices", type=int, default=4, help="clients slices, each after a library batch-8 slice")
     ap.add_argument("--busy", action="store_true", help="run a busy loop in another process meanwhile")
     ap.add_argument("--threads", type=int, help="PATCHCORE_THREADS for this process and the servers")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -147,7 +183,8 @@ def main() -> int:
     paths = tests[:: max(1, len(tests) // args.images)][: args.images]
     bodies = [p.read_bytes() for p in paths]
     work = Path(tempfile.mkdtemp(prefix="line_latency."))
-    busy = None
+    busy, servers = None, []
+    rows: dict[str, dict] = {}
     try:
         model_path = args.model
         if model_path is None:
@@ -164,50 +201,66 @@ def main() -> int:
         shutil.copytree(export_path, only / "bottle")
         if args.busy:
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        rows: dict[str, dict] = {}
+        # The torch-free service first and alone, for its cold start (process start, import, load, first answer).
+        t0 = time.perf_counter()
+        proc, free_port_ = _serve(only, env, torch_free=True)
+        servers.append(proc)
+        _ready(free_port_, proc, 1)
+        status, _ = _post(free_port_, "bottle", bodies[0])
+        cold = {"cold_start_s": time.perf_counter() - t0, "first_status": status}
+        proc, port = _serve(both, env)
+        servers.append(proc)
+        _ready(port, proc, 2)
         model = PatchCore.load(model_path, device="cpu")
-        rows["library"] = _timed(lambda p: model.predict([p]), paths)
         rt = runtime.load(export_path, path="fast")
-        rows["runtime (fast)"] = _timed(lambda p: rt.predict([p]), paths)
+        post_model, post_export, post_free = (_posting(port, "bottle"), _posting(port, "bottle-export"),
+                                              _posting(free_port_, "bottle"))
+        rows.update(_interleaved({
+            "library": lambda i: model.predict([paths[i]]),
+            "runtime (fast)": lambda i: rt.predict([paths[i]]),
+            "service, model file": lambda i: post_model(bodies[i]),
+            "service, export": lambda i: post_export(bodies[i]),
+            "torch-free service": lambda i: post_free(bodies[i]),
+        }, len(paths), args.rounds))
+        rows["torch-free service"].update(cold, rss_mb=rss_mb(servers[0].pid))
+        # Throughput: library batch-8 slices and clients slices alternate, for the same reason as above.
         batch = [paths[i:i + 8] for i in range(0, len(paths) - 7, 8)] or [paths[:8]]
         model.predict(batch[0])
-        t0 = time.perf_counter()
-        for b in batch:
-            model.predict(b)
-        rows["library, batch 8"] = {"images_per_s": sum(map(len, batch)) / (time.perf_counter() - t0)}
-        proc, port = _serve(both, env)
-        try:
-            _ready(port, proc, 2)
-            for name, row in (("bottle", "service, model file"), ("bottle-export", "service, export")):
-                rows[row] = _timed(lambda b, name=name: _post(port, name, b), bodies)
-            rss0 = rss_mb(proc.pid)
-            rows[f"{args.clients} clients, model file"] = {**_clients(port, "bottle", bodies, args.clients,
-                                                                      args.seconds),
-                                                          "rss_before_mb": rss0, "rss_after_mb": rss_mb(proc.pid)}
-        finally:
-            _stop(proc)
-        proc, port = _serve(only, env, torch_free=True)
-        try:
+        lib_rates, cli_rates, rss, answers, errors = [], [], [rss_mb(servers[1].pid)], 0, 0
+        for _ in range(args.slices):
             t0 = time.perf_counter()
-            _ready(port, proc, 1)
-            status, _ = _post(port, "bottle", bodies[0])
-            cold = time.perf_counter() - t0
-            rows["torch-free service"] = {**_timed(lambda b: _post(port, "bottle", b), bodies),
-                                          "cold_start_s": cold, "first_status": status,
-                                          "rss_mb": rss_mb(proc.pid)}
-        finally:
-            _stop(proc)
+            for b in batch:
+                model.predict(b)
+            lib_rates.append(sum(map(len, batch)) / (time.perf_counter() - t0))
+            got = _clients(port, "bottle", bodies, args.clients, args.seconds / args.slices)
+            cli_rates.append(got["answers_per_s"])
+            answers, errors = answers + got["answers"], errors + got["errors"]
+            rss.append(rss_mb(servers[1].pid))
+        rows["library, batch 8"] = {"images_per_s": statistics.mean(lib_rates),
+                                    "slices": [round(r, 2) for r in lib_rates]}
+        rows[f"{args.clients} clients, model file"] = {
+            "answers_per_s": statistics.mean(cli_rates), "slices": [round(r, 2) for r in cli_rates],
+            "answers": answers, "errors": errors, "rss_mb": [round(r) for r in rss]}
     finally:
+        for proc in servers:
+            _stop(proc)
         if busy is not None:
             busy.kill()
         shutil.rmtree(work, ignore_errors=True)
-    lib = rows["library"]["p50_ms"]
-    print(f"{'row':32s} {'p50 ms':>8s} {'p99 ms':>8s} {'x library':>10s}")
+    lib, run = rows["library"]["p50_ms"], rows["runtime (fast)"]["p50_ms"]
+    print(f"{'row':24s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'x library':>10s} {'x runtime':>10s}")
     for name, r in rows.items():
         if "p50_ms" in r:
-            print(f"{name:32s} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['p50_ms'] / lib:10.2f}")
-        else:
-            print(f"{name:32s} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})}")
+            print(f"{name:24s} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['p99_ms'] / r['p50_ms']:8.2f} "
+                  f"{r['p50_ms'] / lib:10.2f} {r['p50_ms'] / run:10.2f}")
+    tf = rows["torch-free service"]
+    print(f"torch-free service: cold start {tf['cold_start_s']:.2f} s (status {tf['first_status']}), "
+          f"{tf['rss_mb']:.0f} MB resident")
+    lb, cl = rows["library, batch 8"], rows[f"{args.clients} clients, model file"]
+    print(f"throughput: {args.clients} clients {cl['answers_per_s']:.2f} answers/s {cl['slices']} vs library "
+          f"batch 8 {lb['images_per_s']:.2f} images/s {lb['slices']} = "
+          f"{cl['answers_per_s'] / lb['images_per_s']:.0%}; errors {cl['errors']} of {cl['answers'] + cl['errors']}; "
+          f"service MB before and after each slice {cl['rss_mb']}")
     meta = {"busy": args.busy, "threads": os.environ.get("PATCHCORE_THREADS"), "loadavg": os.getloadavg(),
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
     print(json.dumps(meta))

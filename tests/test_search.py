@@ -44,6 +44,31 @@ def test_same_neighbours_as_brute_force(seed, n, d, cells, spread):
     assert (idx == ref_i).mean() > 0.95
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(200, 4000), d=st.integers(2, 32), cells=st.integers(1, 60),
+       share=st.floats(0.05, 1.0))
+def test_a_subset_searches_as_a_fresh_build_over_it(seed, n, d, cells, share):
+    """An update's calibration searches the new features less one fold's through the cells of all of them."""
+    rng = np.random.default_rng(seed)
+    bank = clustered(rng, n, d, 8, 0.5)
+    keep = rng.random(n) < share
+    keep[rng.integers(0, n)] = True
+    q = np.concatenate([bank[rng.integers(0, n, 150)] + 0.05 * rng.normal(size=(150, d)),
+                        clustered(rng, 30, d, 3, 4.0)]).astype(np.float32)
+    full = CellSearch(bank, max(1, min(cells, n // 40)), seed=seed)
+    sub = full.subset(keep)
+    dist, idx, _ = sub.nearest(q)
+    part = bank[keep]
+    assert len(sub) == keep.sum() and (np.diff(sub.starts) > 0).all()
+    ref_d, ref_i = brute(part, q)
+    ours = np.linalg.norm(part[idx].astype(np.float64) - q, axis=1)
+    scale = float(np.sqrt((q.astype(np.float64) ** 2).sum(1).max() + (part.astype(np.float64) ** 2).sum(1).max()))
+    assert (ours <= ref_d + 1e-3 * scale).all()  # as near as brute force over the subset, and within it
+    np.testing.assert_allclose(dist, ours, rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="no feature"):
+        full.subset(np.zeros(n, bool))
+
+
 @pytest.mark.slow
 def test_real_patches_give_brute_force_scores_comparing_a_fraction_of_the_bank(bottle):
     from patchcore import PatchCore

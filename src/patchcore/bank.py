@@ -5,6 +5,7 @@ What is done with the distances (Eq. 7, the map) is :mod:`patchcore.core.scoring
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -24,13 +25,22 @@ class MemoryBank:
         self.index.add(self.bank)
         # Even a one-cell bank searches with CellSearch: it computes each winner's distance directly, so a
         # patch's distance does not depend on which other images shared its batch (a BLAS product's
-        # rounding does), and a pool of workers writes the same maps as one process.
-        self._cells = CellSearch(self.bank, cells or default_cells(len(self.bank)))
+        # rounding does), and a pool of workers writes the same maps as one process. Built on the first
+        # search, not here: a bank made only for Eq. 7's neighbours (an update's calibration) never needs it.
+        self._n_cells = cells
+        self._cells: CellSearch | None = None
+        self._cells_lock = threading.Lock()
         self._support: dict[tuple[int, int], np.ndarray] = {}
 
     def cells(self) -> CellSearch:
         """The cell-pruned search over this bank (one cell for a small bank: then it is brute force)."""
-        return self._cells
+        found = self._cells
+        if found is None:
+            with self._cells_lock:  # scorer threads may search a fresh bank at once: build it once
+                if self._cells is None:
+                    self._cells = CellSearch(self.bank, self._n_cells or default_cells(len(self.bank)))
+                found = self._cells
+        return found
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -48,12 +58,12 @@ class MemoryBank:
         n = len(queries)
         jobs = max(1, min(int(n_jobs), n // 2048))
         if jobs <= 1:
-            d, i, _ = self._cells.nearest(queries)
+            d, i, _ = self.cells().nearest(queries)
             return d, i
         chunk = min(16384, -(-n // jobs))  # at most 16,384: the search holds a (chunk x cells) table
         parts = [queries[k:k + chunk] for k in range(0, n, chunk)]
         with ThreadPoolExecutor(jobs) as pool:
-            found = list(pool.map(self._cells.nearest, parts))
+            found = list(pool.map(self.cells().nearest, parts))
         return np.concatenate([d for d, _, _ in found]), np.concatenate([i for _, i, _ in found])
 
     def support(self, index: int, b: int) -> np.ndarray:

@@ -311,6 +311,10 @@ class PatchCore:
                 self.members, self.layers, self.normalization_names,
                 None if self.backbone_weights is None else str(self.backbone_weights),
                 int(self.target_dim), int(self.resolved("border_pad"))).to(self._device()).eval()
+            if self._device() == "cpu":
+                # oneDNN's convolutions run 1.4-1.6x faster on NHWC weights on a CPU (lite0, batch 8 at 288 px:
+                # 371 -> 258 ms); same features up to float rounding (1e-5 of 30).
+                extractor = extractor.to(memory_format=torch.channels_last)
             if self._fingerprint is not None and self._fingerprint != extractor.fingerprint:
                 raise ModelFileError(
                     f"this model was fitted with other {self.resolved('backbone')} weights (fingerprint "
@@ -535,17 +539,20 @@ class PatchCore:
         n, gh, gw, dd = feats.shape
         hw, pre, b = gh * gw, self.preprocessing, int(self.num_neighbors)
 
+        cells = CellSearch(added, seed=self.seed) if len(added) else None  # one k-means; each fold a subset
+
         def one(j: int) -> list[tuple[float, float]]:
             scored = scored_of[j]
-            extra = np.ascontiguousarray(added[fold_of[owner] != j])
+            others = fold_of[owner] != j
+            extra = np.ascontiguousarray(added[others])
             rows = (scored[:, None] * hw + np.arange(hw)).ravel()
             flat = feats[torch.from_numpy(scored)].reshape(-1, dd).float().numpy()
             dist, nn = dist_old[rows], nn_old[rows]
             if len(extra):
-                dx, ix, _ = CellSearch(extra, seed=self.seed).nearest(flat)
+                dx, ix, _ = cells.subset(others).nearest(flat)
                 closer = dx < dist
                 dist, nn = np.where(closer, dx, dist), np.where(closer, n_old + ix, nn)
-            grown = MemoryBank(np.concatenate([self._bank, extra]), cells=1)  # for Eq. 7's neighbours only
+            grown = MemoryBank(np.concatenate([self._bank, extra]))  # for Eq. 7's neighbours only: never searched
             support, out = grown.support_of(b), []
             for k, i in enumerate(scored):
                 r = slice(k * hw, (k + 1) * hw)
