@@ -24,6 +24,11 @@ PATCHCORE_THREADS for this process and the servers. Only 127.0.0.1 is contacted;
 
 from __future__ import annotations
 
+# First, as a user's program would: importing patchcore sets the OpenMP and OpenBLAS waiting policies, which
+# those libraries read when they start (load_service below starts numpy).
+import patchcore  # noqa: F401
+
+# isort: split
 import argparse
 import http.client
 import json

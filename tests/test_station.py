@@ -159,6 +159,20 @@ def test_one_thread_decision_reaches_every_pool():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1", "1", "3", "1"]
+    # A decision made after numpy started (`patchcore serve` makes it after importing patchcore) resizes the
+    # BLAS pool that is running, and idle BLAS threads sleep at once instead of spinning beside a neighbour.
+    code = ("import os, patchcore, numpy\n"
+            "from threadpoolctl import threadpool_info\n"
+            "from patchcore.core.threads import decide\n"
+            "decide(1)\n"
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], *{i['num_threads'] for i in threadpool_info() "
+            "if i['user_api'] == 'blas'})\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PATCHCORE_THREADS", "OPENBLAS_NUM_THREADS",
+                                                           "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**env, "PYTHONPATH": str(SRC)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["4", "1"]
     from patchcore import runtime
 
     os.environ["PATCHCORE_THREADS"] = "1"

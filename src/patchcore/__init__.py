@@ -8,6 +8,9 @@ __version__ = "0.1.0"
 # burn the cores the busy one needs (measured: inference 10-20x slower on 2 cores). Must be set before either
 # runtime starts, so here; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's OpenBLAS spins its idle threads for 2^28 cycles (~0.1 s) after every threaded product; the map's few
+# products an image then kept a second core busy for ~120 ms after each answer of the service. 2^4: sleep at once.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .core.prediction import Prediction  # noqa: E402
 from .core.threads import decide as _decide_threads  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import PatchCoreError
 
@@ -39,4 +40,15 @@ def decide(n: int | None = None) -> int | None:
     if value is not None:
         for var in POOL_VARIABLES:
             os.environ.setdefault(var, str(value))
+        if "numpy" in sys.modules:
+            # numpy's BLAS pool has started (importing patchcore imports numpy, so any decision made after it,
+            # such as `patchcore serve`'s one thread, comes too late for the variable): resize the pools that
+            # are running. Left at one thread a core, the served map's products woke a second BLAS thread that
+            # then spun for ~120 ms after every request, on the core a neighbour needed.
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                return value
+            blas = os.environ.get("OPENBLAS_NUM_THREADS", "")  # one the user set wins here too
+            threadpool_limits(limits=int(blas) if blas.isdigit() and int(blas) > 0 else value, user_api="blas")
     return value
