@@ -154,7 +154,6 @@ def _clients(port: int, name: str, bodies: list[bytes], n: int, seconds: float) 
     return {"answers_per_s": done[0] / (time.monotonic() - t0), "answers": done[0], "errors": errors[0]}
 
 
-
 def _posting(port: int, name: str) -> Callable[[bytes], None]:
     def post(body: bytes) -> None:
         status, text = _post(port, name, body)

@@ -67,6 +67,14 @@ class _OneBlasThread:
 _one_blas_thread = _OneBlasThread()
 
 
+def _radii(points: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Each cell's radius: the distance from its centroid to its farthest member (``cell``: each point's)."""
+    spread = np.linalg.norm(points.astype(np.float64) - centroids[cell], axis=1)
+    radius = np.zeros(len(centroids))
+    np.maximum.at(radius, cell, spread)
+    return radius
+
+
 class CellSearch:
     """Exact 1-nearest-neighbour search over ``bank`` (K, D), pruned by k-means cells (see the module)."""
 
@@ -94,9 +102,7 @@ class CellSearch:
         self.centroids = np.ascontiguousarray(centroids[keep], dtype=np.float64)
         lab_sorted = labels[order]
         remap = np.cumsum(keep) - 1
-        spread = np.linalg.norm(self.points.astype(np.float64) - self.centroids[remap[lab_sorted]], axis=1)
-        self.radius = np.zeros(len(self.centroids))
-        np.maximum.at(self.radius, remap[lab_sorted], spread)
+        self.radius = _radii(self.points, self.centroids, remap[lab_sorted])
         self.max_sq = float(self.sq.max())
 
     def __len__(self) -> int:
@@ -141,9 +147,7 @@ class CellSearch:
         sub.sq = np.ascontiguousarray(self.sq[kept])
         sub.starts = np.concatenate([[0], np.cumsum(counts[nonempty])]).astype(np.int64)
         sub.centroids = np.ascontiguousarray(self.centroids[nonempty])
-        spread = np.linalg.norm(sub.points.astype(np.float64) - self.centroids[cell_of], axis=1)
-        sub.radius = np.zeros(len(sub.centroids))
-        np.maximum.at(sub.radius, (np.cumsum(nonempty) - 1)[cell_of], spread)
+        sub.radius = _radii(sub.points, sub.centroids, (np.cumsum(nonempty) - 1)[cell_of])
         sub.max_sq = float(sub.sq.max())
         return sub
 
