@@ -47,13 +47,72 @@ def test_cells_continued_from_a_bank_choose_what_it_does_not_cover():
     assert (picks >= 1500).float().mean() >= 0.95  # a cell on the covered cluster still takes its first centre
 
 
-def test_a_large_update_is_selected_in_cells_and_still_grows_by_a_fits_share(bottle):
+def test_covering_continues_the_greedy_selection_until_the_radius(bottle):
+    """In one cell, covering to a radius is the greedy selection continued from the bank, stopped where the
+    farthest point comes within the radius; in cells, every point ends within the radius too."""
+    import torch
+
+    from patchcore.coreset import cover
+
+    z = torch_randn(3000, 8)
+    initial = torch_randn(3000).abs() + 2.0
+    picks = cover(z, 2.5, initial)
+    assert 0 < len(picks) < 3000
+    assert picks.tolist() == greedy_coreset(z, len(picks), seed=0, method="plain", initial=initial).tolist()
+    for got in (picks, cover(z, 2.5, initial, n_jobs=2, cell_size=500)):
+        reach = torch.minimum(initial, torch.cdist(z, z[got]).min(1).values)
+        assert float(reach.max()) <= 2.5
+    assert len(cover(z, float(initial.max()), initial)) == 0  # all covered already: nothing joins
+
+
+def test_an_update_covers_its_images_to_the_fits_radius(bottle):
+    """The new features join until none lies farther from the bank (on the fit's projection) than the fit's
+    own selection radius, here with the selection split into cells."""
+    import torch
+
+    from patchcore.coreset import random_projection
+
     model = PatchCore(**SMALL, sampler=CoresetSampler(shard_features=2000)).fit(goods(bottle, 6))
+    radius = model.fit_info_["coreset_radius"]
+    old = model.memory_bank_.copy()
+    new = goods(bottle, 6, start=6)
+    model.update(new)
+    bank = model.memory_bank_
+    np.testing.assert_array_equal(bank[:len(old)], old)
+    assert model.fit_info_["updates"][0]["added_by"] == "radius"
+    assert len(np.unique(bank, axis=0)) == len(bank)
+    feats, _ = model.extract(new)
+    z = random_projection(feats.reshape(-1, feats.shape[-1]), 128, model.seed)
+    zb = random_projection(torch.from_numpy(bank), 128, model.seed)
+    reach = torch.cdist(z, zb).min(1).values
+    assert float(reach.max()) <= radius * 1.0001
+    # The fit's own selection: what a share of the new features would have added is more than was needed.
+    assert 0 < len(bank) - len(old) < coreset_size(len(z), SMALL["coreset_ratio"])
+
+
+def test_an_update_of_the_fitted_images_adds_little(bottle):
+    """Images the bank already covers add (almost) nothing: a share rule would add a fit's share of them."""
+    images = goods(bottle, 8)
+    model = PatchCore(**SMALL).fit(images)
     before = len(model.memory_bank_)
-    model.update(goods(bottle, 6, start=6))
-    grid = model.fit_info_["grid"]
-    assert len(model.memory_bank_) - before == coreset_size(6 * grid[0] * grid[1], SMALL["coreset_ratio"])
-    assert len(np.unique(model.memory_bank_, axis=0)) == len(model.memory_bank_)
+    model.update(images[:4])
+    h, w = model.fit_info_["grid"]
+    assert len(model.memory_bank_) - before <= 0.1 * coreset_size(4 * h * w, SMALL["coreset_ratio"])
+
+
+def without_radius(path, out):
+    """The model file at ``path`` as one saved before fits recorded their selection radius, loaded."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta, bank = dict(f.metadata()), f.get_tensor("memory_bank")
+    info = json.loads(meta["fit_info"])
+    del info["coreset_radius"]
+    save_file({"memory_bank": bank}, str(out), metadata={**meta, "fit_info": json.dumps(info)})
+    return PatchCore.load(out)
 
 
 def torch_randn(*shape):
@@ -62,8 +121,9 @@ def torch_randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
-def test_update_grows_the_bank_by_a_fits_share_and_recalibrates_honestly(bottle):
-    model = PatchCore(**SMALL).fit(goods(bottle, 12))
+def test_update_recalibrates_honestly_and_an_older_model_grows_by_a_fits_share(bottle, tmp_path):
+    fitted = PatchCore(**SMALL).fit(goods(bottle, 12))
+    model = without_radius(fitted.save(tmp_path / "m.safetensors"), tmp_path / "old.safetensors")
     old_bank, old_cal = model.memory_bank_.copy(), dict(model.calibration_)
     h, w = model.fit_info_["grid"]
     new = goods(bottle, 6, start=100)
@@ -71,6 +131,7 @@ def test_update_grows_the_bank_by_a_fits_share_and_recalibrates_honestly(bottle)
     bank = model.memory_bank_
     # The old bank is kept as it was; the new images add the share a fit would keep of their features.
     np.testing.assert_array_equal(bank[:len(old_bank)], old_bank)
+    assert model.fit_info_["updates"][0]["added_by"] == "share"
     assert len(bank) - len(old_bank) == coreset_size(6 * h * w, SMALL["coreset_ratio"])
     info = model.fit_info_
     assert info["n_images"] == 18 and info["bank_size"] == len(bank) and info["updates"][0]["images"] == 6

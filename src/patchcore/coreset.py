@@ -60,7 +60,8 @@ def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0, chu
 
 
 def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
-                   method: str = "auto", initial: torch.Tensor | None = None) -> torch.Tensor:
+                   method: str = "auto", initial: torch.Tensor | None = None,
+                   return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center, starting from a seeded random point.
 
     Each step adds the point farthest from the current selection. ``method``: "plain" (the textbook loop),
@@ -68,6 +69,8 @@ def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | 
     PLAIN_MAX points, where its passes stay in the CPU cache, lazy above); all give the same selection.
     ``initial``: each point's distance to centres chosen before, elsewhere (a fitted bank that new points
     join); the selection then continues from them instead of starting at a random point.
+    ``return_radius``: also return the selection radius, the distance of the last centre chosen from those
+    chosen before it (and from ``initial``'s): every point lies at most that far from the selection.
     """
     z = z.float().contiguous()
     N = len(z)
@@ -78,8 +81,8 @@ def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | 
     if initial is not None and initial.shape != (N,):
         raise ValueError(f"initial must hold one distance per point ({N}), got shape {tuple(initial.shape)}")
     if method == "plain" or (method == "auto" and N <= PLAIN_MAX):
-        return _plain_greedy(z, n, _seeded_start(N, seed), progress, initial)
-    return lazy_greedy(z, n, seed, progress, initial=initial)
+        return _plain_greedy(z, n, _seeded_start(N, seed), progress, initial, return_radius)
+    return lazy_greedy(z, n, seed, progress, initial=initial, return_radius=return_radius)
 
 
 def _seeded_start(n: int, seed: int) -> int:
@@ -88,7 +91,8 @@ def _seeded_start(n: int, seed: int) -> int:
 
 
 def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None,
-                  initial: torch.Tensor | None = None) -> torch.Tensor:
+                  initial: torch.Tensor | None = None,
+                  return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
     """The textbook loop, one pass over all points per selected centre: one :class:`_Cell` run to n centres."""
     loop = _Cell(z, start, initial)
     step = max(1, n // 100)
@@ -96,7 +100,33 @@ def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None
         loop.run(float("-inf"), limit=min(n, len(loop.chosen) + step))
         if progress is not None:
             progress(len(loop.chosen), n)
-    return torch.tensor(loop.chosen, dtype=torch.long)
+    picks = torch.tensor(loop.chosen, dtype=torch.long)
+    return (picks, float(loop.dist[-1])) if return_radius else picks
+
+
+def cover(z: torch.Tensor, radius: float, initial: torch.Tensor, seed: int = 0, n_jobs: int | None = None,
+          cell_size: int | None = None) -> torch.Tensor:
+    """Indices of the points of ``z`` (N, d) that join a selection made elsewhere (``initial``: each point's
+    distance to it) by the greedy rule continued until no point lies farther than ``radius`` from the
+    selection: the farthest point first, as many as that takes (none if all lie within ``radius``).
+    Above ``cell_size`` points (None: never) they are split into k-means cells of about that many points,
+    each running its own loop, ``n_jobs`` at a time; a cell then also covers points near its border that a
+    neighbouring cell's centres already cover (a few more centres than one loop would choose)."""
+    z = z.float().contiguous()
+    if initial.shape != (len(z),):
+        raise ValueError(f"initial must hold one distance per point ({len(z)}), got shape {tuple(initial.shape)}")
+    if not len(z) or float(initial.max()) <= radius:
+        return torch.zeros(0, dtype=torch.long)
+    cells = 1 if cell_size is None else max(1, -(-len(z) // max(1, int(cell_size))))
+    if cells == 1:
+        members = [torch.arange(len(z))]
+    else:
+        members = [torch.from_numpy(m) for m in _cell_members(kmeans_cells(z, cells, seed)[0])[1]]
+    members = [m for m in members if float(initial.index_select(0, m).max()) > radius]  # a loop takes one at least
+    group = CellGroup([(z.index_select(0, m), 0, initial.index_select(0, m)) for m in members], n_jobs)
+    group.lower(radius)
+    picks = [m[torch.tensor(chosen, dtype=torch.long)] for (chosen, _), m in zip(group.picks(), members)]
+    return torch.cat(picks)
 
 
 def coreset_size(n: int, ratio: float) -> int:
@@ -352,7 +382,8 @@ def _reach(c: torch.Tensor, owner: torch.Tensor, mu: torch.Tensor, gap: torch.Te
 
 def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_jobs: int | None = None,
                  progress: Progress | None = None, runner: CellRunner | None = None,
-                 centroids: np.ndarray | None = None, initial: torch.Tensor | None = None) -> torch.Tensor:
+                 centroids: np.ndarray | None = None, initial: torch.Tensor | None = None,
+                 return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Indices of ``n`` points of ``z`` (N, d) chosen by greedy k-center inside each cell of ``labels``
     (see the module): every cell runs its loop down to a shared radius, which is lowered in small steps
     until the cells hold ``n`` centres between them; the ``n`` centres chosen farthest from the others of
@@ -367,7 +398,9 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
 
     Cells run here, ``n_jobs`` at a time (threads), or where ``runner`` puts them (the selection is the
     same). Deterministic for a seed. ``initial``: as for :func:`greedy_coreset`, each point's distance to
-    centres chosen before (a fitted bank that new points join; here, not with ``runner``)."""
+    centres chosen before (a fitted bank that new points join; here, not with ``runner``). ``return_radius``:
+    also return the selection distance of the last centre kept: about the distance within which the cells'
+    centres cover every point (exactly so when no centre is cut off at the end)."""
     z = z.float().contiguous()
     if not 1 <= n <= len(z):
         raise ValueError(f"coreset size must be between 1 and {len(z)}, got {n}")
@@ -417,7 +450,7 @@ def cell_coreset(z: torch.Tensor, n: int, labels: np.ndarray, seed: int = 0, n_j
     idx = torch.cat([m[torch.tensor(chosen, dtype=torch.long)] for (chosen, _), m in zip(picks, members)])
     dist = torch.tensor([d for _, ds in picks for d in ds], dtype=torch.float64)
     keep = torch.argsort(-dist, stable=True)[:n]
-    return idx[keep]
+    return (idx[keep], float(dist[keep[-1]])) if return_radius else idx[keep]
 
 
 # Points per cell of the lazy exact selection: smaller cells skip more distances but cost more k-means and
@@ -426,7 +459,8 @@ LAZY_CELL = 1600
 
 
 def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
-                cell_size: int = LAZY_CELL, initial: torch.Tensor | None = None) -> torch.Tensor:
+                cell_size: int = LAZY_CELL, initial: torch.Tensor | None = None,
+                return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Indices of ``n`` points of ``z`` (N, d) chosen by exact greedy k-center from the seeded start that
     :func:`greedy_coreset` uses: the same selection (up to float ties), computed lazily.
 
@@ -438,7 +472,7 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
     is now too far to matter; if it still holds the largest bound, its farthest point is the farthest point of
     all. Most cells are updated rarely, in large batches, against few centres: on screw x 800 (819k points,
     82k centres) it computes 8 % of the distances of the plain loop, in 42 s instead of 38 min, one core.
-    ``initial``: as for :func:`greedy_coreset`, each point's distance to centres chosen before.
+    ``initial``, ``return_radius``: as for :func:`greedy_coreset`.
     """
     z = z.float().contiguous()
     N = len(z)
@@ -485,7 +519,7 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
             noted[b].append(i)
             noted_lb[b].append(float(lb[b]))
 
-    first = 0
+    first, radius = 0, math.inf
     if initial is None:
         add(0, start)
         first = 1
@@ -500,10 +534,12 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
                 d2 = (sq[a][:, None] + csq[m][None, :] - 2.0 * (pts[a] @ centres[m].T)).min(1)
                 np.minimum(mind[a], np.sqrt(np.maximum(d2, 0.0)), out=mind[a])
             bound[a] = mind[a].max()
+        radius = float(bound[a])  # up to date once nothing is noted for the cell: the new centre's distance
         add(i, int(members[a][int(mind[a].argmax())]))
         if progress is not None and ((i + 1) % step == 0 or i + 1 == n):
             progress(i + 1, n)
-    return torch.from_numpy(chosen)
+    picks = torch.from_numpy(chosen)
+    return (picks, radius) if return_radius else picks
 
 
 def coverage_radius(z: torch.Tensor, chosen: torch.Tensor) -> float:
@@ -573,27 +609,38 @@ class CoresetSampler:
         return max(1, min(n_keep, -(-n_features // max(1, int(self.shard_features) // 4))))
 
     def run(self, x: torch.Tensor, n_keep: int, seed: int = 0, *, model_bank: bool = False,
-            n_jobs: int | None = None, progress: Progress | None = None,
-            runner: CellRunner | None = None) -> torch.Tensor:
+            n_jobs: int | None = None, progress: Progress | None = None, runner: CellRunner | None = None,
+            return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Indices of the ``n_keep`` coreset features of ``x`` (N, D): the exact greedy selection up to
         ``shard_features`` features, greedy selection in k-means cells above. ``model_bank``: this is the
-        model's own bank (not a calibration fold's), which ``cell_exchange`` and ``exact_bank`` apply to."""
+        model's own bank (not a calibration fold's), which ``cell_exchange`` and ``exact_bank`` apply to.
+        ``return_radius``: also return the selection radius (:func:`greedy_coreset`; 0 when all are kept)."""
         if n_keep >= len(x):
-            return torch.arange(len(x))
+            return (torch.arange(len(x)), 0.0) if return_radius else torch.arange(len(x))
         return self.select(random_projection(x, self.projection_dim, seed), n_keep, seed, model_bank=model_bank,
-                           n_jobs=n_jobs, progress=progress, runner=runner)
+                           n_jobs=n_jobs, progress=progress, runner=runner, return_radius=return_radius)
 
     def select(self, z: torch.Tensor, n_keep: int, seed: int = 0, *, model_bank: bool = False,
                n_jobs: int | None = None, progress: Progress | None = None, runner: CellRunner | None = None,
-               initial: torch.Tensor | None = None) -> torch.Tensor:
+               initial: torch.Tensor | None = None,
+               return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
         """:meth:`run` on features already projected (``z``, N x ``projection_dim``), ``n_keep`` < N.
         ``initial``: each point's distance to centres chosen before (a fitted bank that new points join:
         :meth:`patchcore.fitting.FitPlan.grow`); every way of selecting continues from it."""
         cells = self.n_cells(len(z), n_keep)
         if cells == 1:
-            return greedy_coreset(z, n_keep, seed=seed, progress=progress, initial=initial)
+            return greedy_coreset(z, n_keep, seed=seed, progress=progress, initial=initial,
+                                  return_radius=return_radius)
         if self.exact_bank and model_bank:
-            return lazy_greedy(z, n_keep, seed, progress, initial=initial)
+            return lazy_greedy(z, n_keep, seed, progress, initial=initial, return_radius=return_radius)
         labels, centroids = kmeans_cells(z, cells, seed)
         return cell_coreset(z, n_keep, labels, seed, n_jobs, progress, runner,
-                            centroids if self.cell_exchange and model_bank else None, initial=initial)
+                            centroids if self.cell_exchange and model_bank else None, initial=initial,
+                            return_radius=return_radius)
+
+    def cover(self, z: torch.Tensor, radius: float, initial: torch.Tensor, seed: int = 0,
+              n_jobs: int | None = None) -> torch.Tensor:
+        """:func:`cover` on features already projected: the greedy selection continued from a bank until no
+        point lies farther than ``radius`` from it, split into k-means cells as a selection is split."""
+        return cover(z, radius, initial, seed, n_jobs,
+                     int(self.shard_features) // 4 if self.split(len(z)) else None)

@@ -457,7 +457,7 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
             t1 = t0  # extraction ran on the workers, inside coreset_seconds
             bank = np.concatenate(picked)
             fold_banks = shard_fold_banks(picked, [f for _, f in shards], folds) if folds >= 2 else []
-            n_parts = len(shards)
+            n_parts, radius = len(shards), None
         else:
             feats, sizes, done = None, [None] * len(paths), 0
             for (imgs, _), ref in zip(shards, [a.extract.remote(i, p) for a, i, p in jobs]):
@@ -471,8 +471,8 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
                 if progress:
                     progress("features", done, len(paths))
             t1 = time.perf_counter()
-            bank, fold_banks, n_parts = plan.select_banks(torch.from_numpy(feats), progress,
-                                                          runner=lambda cells, ex: _RayCells(ray, pool, cells, ex))
+            bank, fold_banks, n_parts, radius = plan.select_banks(
+                torch.from_numpy(feats), progress, runner=lambda cells, ex: _RayCells(ray, pool, cells, ex))
             del feats
         t2 = time.perf_counter()
         cross = None
@@ -493,4 +493,5 @@ def fit_on_ray(images: Sequence[str | os.PathLike], params: dict[str, Any], *, a
         "n_images": len(paths), "n_features": len(paths) * t * h * w, "feature_dim": int(d), "grid": [h, w],
         "turns": t,
         "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": model.sampler.shard_by, "coreset_seconds": t2 - t1,
-        "skipped": 0, "ray": True, "ray_workers": n_workers, "coreset_on_workers": True}, cross, folds, t0, t2)
+        "coreset_radius": radius, "skipped": 0, "ray": True, "ray_workers": n_workers, "coreset_on_workers": True},
+        cross, folds, t0, t2)

@@ -100,9 +100,11 @@ class FitPlan:
                               progress=(lambda i, n: progress("coreset", i, n)) if progress else None)
 
     def select_banks(self, feats: torch.Tensor, progress: Progress | None = None,
-                     runner: CellRunner | None = None) -> tuple[np.ndarray, list[np.ndarray], int]:
+                     runner: CellRunner | None = None) -> tuple[np.ndarray, list[np.ndarray], int, float | None]:
         """The memory bank of patch features ``feats`` (N, T, h, w, D: each image at each of its turns), each
-        calibration fold's bank (none when not cross-fitted) and how many parts the selection was split into.
+        calibration fold's bank (none when not cross-fitted), how many parts the selection was split into and
+        the bank's selection radius on the projection (:func:`patchcore.coreset.greedy_coreset`; None when
+        selected by image shards), which an update's new features are covered to (:meth:`grow`).
         ``runner`` runs the coreset cells elsewhere (see :func:`patchcore.coreset.cell_coreset`)."""
         n_img, n_turns, h, w, d = feats.shape
         folds = self.folds(n_img)
@@ -118,13 +120,13 @@ class FitPlan:
             picks = self.select_shards([flat.index_select(0, r) for r in shard_rows], progress)
             parts = [flat.index_select(0, r[p]).float().numpy() for r, p in zip(shard_rows, picks)]
             fold_banks = shard_fold_banks(parts, [f for _, f in shards], folds) if folds >= 2 else []
-            return np.concatenate(parts), fold_banks, len(shards)
+            return np.concatenate(parts), fold_banks, len(shards), None
         # Each fold's calibration bank is selected the same way from the other folds' images, so the
         # cross-fit scores images as the fitted model will score new ones.
         sets = [np.arange(n_img)] + ([np.setdiff1d(np.arange(n_img), held)
                                       for held in self.calibration_split(n_img, folds)[0]] if folds >= 2 else [])
         wanted = [self.n_keep(len(imgs) * per_image) for imgs in sets]
-        banks = []
+        banks, radius = [], None
         for k, imgs in enumerate(sets):
             x = flat if k == 0 else flat.index_select(0, rows(imgs))
             done = sum(wanted[:k])  # one "coreset" bar over the model's selection and the folds' ones
@@ -134,19 +136,28 @@ class FitPlan:
             # cover 4-5 % less tightly, so the calibration errs on the side of fewer false alarms (800
             # images at 288 px: 13 s more than without it, against 91 s with it in all six selections).
             picks = self.sampler.run(x, wanted[k], self.seed, model_bank=k == 0, n_jobs=self.n_jobs,
-                                     progress=report, runner=runner)
+                                     progress=report, runner=runner, return_radius=k == 0)
+            if k == 0:
+                picks, radius = picks
             banks.append(x.index_select(0, picks).float().numpy())
             del x
-        return banks[0], banks[1:], self.n_parts(n_img * per_image)
+        return banks[0], banks[1:], self.n_parts(n_img * per_image), radius
 
-    def grow(self, bank: np.ndarray, feats: torch.Tensor, nearest: np.ndarray) -> torch.Tensor:
+    def grow(self, bank: np.ndarray, feats: torch.Tensor, nearest: np.ndarray,
+             radius: float | None = None) -> torch.Tensor:
         """Indices of the new patch features ``feats`` (M, D) that join ``bank``, by the coreset's own rule: the
-        greedy k-center selection continued from the bank, on the fit's seeded projection (the new feature
-        farthest from the bank and from those already added first), ``coreset_ratio`` of them, as many as a
-        fit would keep of them. Features the bank already covers well are never the farthest, so a new
-        variant's features get the places. The sampler selects them as it selects a calibration fold's bank
-        (:meth:`patchcore.coreset.CoresetSampler.select`): more new features than it takes in one piece are
-        split into k-means cells, each continuing from the bank, ``n_jobs`` at a time.
+        greedy k-center selection continued from the bank, on the fit's seeded projection, the new feature
+        farthest from the bank and from those already added first. Features the bank already covers well
+        are never the farthest, so a new variant's features get the places.
+
+        How many: with the fit's selection ``radius`` (:meth:`select_banks`), until no new feature lies
+        farther than it from the bank, so the new images are covered as tightly as the fitted ones were and
+        images the bank already covers add nothing. Adding a fixed share instead (``coreset_ratio`` of the
+        new features, what a fit would keep of them; models saved before the radius was recorded) covers the
+        new images more tightly than the old ones, and that unevenness cost screw's image AUROC (0.9631
+        against 0.9693 for a full fit, seed 0; docs/benchmarks.md, section 20). Both split more new features
+        than the sampler selects in one piece into k-means cells, each continuing from the bank, ``n_jobs``
+        at a time.
 
         ``nearest``: each new feature's nearest bank feature in the full feature space (the model's own
         search, which the update needs anyway for its calibration); a feature's distance to the bank is taken,
@@ -155,12 +166,14 @@ class FitPlan:
         projection exactly instead pruned poorly (screw: 62 % of the bank compared, 18 s for 90 images,
         against 6 s for the full-space search)."""
         n_keep = self.n_keep(len(feats))
-        if n_keep >= len(feats):
+        if n_keep >= len(feats) or radius == 0.0:
             return torch.arange(len(feats))
         dim = self.sampler.projection_dim
         z = random_projection(feats, dim, self.seed)
         zb = random_projection(torch.from_numpy(bank), dim, self.seed)
         initial = (z - zb[torch.from_numpy(np.asarray(nearest, dtype=np.int64))]).norm(dim=1)
+        if radius is not None:
+            return self.sampler.cover(z, radius, initial, self.seed, n_jobs=self.n_jobs)
         return self.sampler.select(z, n_keep, self.seed, n_jobs=self.n_jobs, initial=initial)
 
     def scored_order(self, n_images: int, folds: int) -> list[int]:

@@ -418,7 +418,7 @@ class PatchCore:
         t1 = time.perf_counter()
         n_img, n_turns, h, w, d = feats.shape
         folds = plan.folds(n_img)
-        bank, fold_banks, n_parts = plan.select_banks(feats, progress)
+        bank, fold_banks, n_parts, radius = plan.select_banks(feats, progress)
         # New images are scored as they come, so the calibration scores the images unturned. Leaving suspects
         # out, the first cross-fit scores every image (no calibration_max_images): each one is audited.
         audit = replace(plan, calibration_max_images=None) if self.leave_out_suspects else plan
@@ -434,7 +434,7 @@ class PatchCore:
                 feats, sizes = feats[torch.from_numpy(keep)], [sizes[i] for i in keep]
                 names, n_img = [names[i] for i in keep], len(keep)
                 folds = plan.folds(n_img)
-                bank, fold_banks, n_parts = plan.select_banks(feats, progress)
+                bank, fold_banks, n_parts, radius = plan.select_banks(feats, progress)
                 cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress)
                 order = plan.scored_order(n_img, folds)
         t2 = time.perf_counter()
@@ -444,7 +444,8 @@ class PatchCore:
         return self.set_fitted(bank, {
             "n_images": n_img, "n_features": n_img * n_turns * h * w, "feature_dim": int(d), "grid": [h, w],
             "turns": n_turns, "extract_seconds": t1 - t0, "shards": n_parts, "shard_by": self.sampler.shard_by,
-            "coreset_seconds": t2 - t1, "skipped": len(self.skipped_)}, cross, folds, t0, t2, record)
+            "coreset_seconds": t2 - t1, "coreset_radius": radius, "skipped": len(self.skipped_)},
+            cross, folds, t0, t2, record)
 
     def _kept_names(self, items: list[Item]) -> list[str]:
         """The names of ``items`` that were read (not in ``skipped_``), as the model records them."""
@@ -568,8 +569,10 @@ class PatchCore:
         """Add good images to the fitted model without refitting; returns self.
 
         Their patch features join the memory bank by the coreset's rule, continued from the bank
-        (:meth:`patchcore.fitting.FitPlan.grow`: as many as a fit would keep of them, the farthest from what
-        the bank already covers first), so time grows with the images added, not with those fitted before.
+        (:meth:`patchcore.fitting.FitPlan.grow`: the farthest from what the bank already covers first, until
+        none lies farther from the bank than the fit's selection radius; a model saved before the radius was
+        recorded adds the share of them a fit would keep), so time grows with the images added, not with
+        those fitted before.
 
         The threshold is recalibrated with the same guarantee as a fit's. The new images are split into the
         calibration's folds; each is scored against the bank as it was plus the features the other folds' new
@@ -600,7 +603,7 @@ class PatchCore:
         flat = feats.reshape(-1, d)
         # One search of the old bank serves both: the coreset's starting distances and the calibration.
         dist, nn = self.memory().nearest(flat.float().numpy(), n_jobs=self._search_jobs())
-        picks = plan.grow(self._bank, flat, nearest=nn)
+        picks = plan.grow(self._bank, flat, nearest=nn, radius=self._info.get("coreset_radius"))
         added = flat.index_select(0, picks).float().numpy()
         t1 = time.perf_counter()
         owner = (picks // (n_turns * h * w)).numpy()  # the new image each added feature came from
@@ -610,6 +613,7 @@ class PatchCore:
         bank = np.concatenate([self._bank, added])
         self._bank, self._search = bank, None
         step = {"images": n_img, "bank_added": len(bank) - before, "skipped": len(self.skipped_),
+                "added_by": "share" if self._info.get("coreset_radius") is None else "radius",
                 "seconds": time.perf_counter() - t0, "extract_seconds": t_extract,
                 "select_seconds": t1 - t0 - t_extract}
         self._info.update(n_images=int(self._info["n_images"]) + n_img,
