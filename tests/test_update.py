@@ -47,27 +47,32 @@ def test_cells_continued_from_a_bank_choose_what_it_does_not_cover():
     assert (picks >= 1500).float().mean() >= 0.95  # a cell on the covered cluster still takes its first centre
 
 
-def test_covering_continues_the_greedy_selection_until_the_radius(bottle):
-    """In one cell, covering to a radius is the greedy selection continued from the bank, stopped where the
-    farthest point comes within the radius; in cells, every point ends within the radius too."""
+def test_covering_continues_the_greedy_selection_until_the_radius():
+    """Covering to a radius is the greedy selection continued from the bank, stopped where the farthest point
+    comes within the radius, by the plain loop and by the lazy one alike."""
     import torch
 
+    from patchcore import coreset
     from patchcore.coreset import cover
 
-    z = torch_randn(3000, 8)
-    initial = torch_randn(3000).abs() + 2.0
+    z = torch_randn(6000, 8)  # the lazy loop's cells hold 1,600 points: 3 cells
+    initial = torch_randn(6000).abs() + 2.0
     picks = cover(z, 2.5, initial)
-    assert 0 < len(picks) < 3000
+    assert 0 < len(picks) < 6000
     assert picks.tolist() == greedy_coreset(z, len(picks), seed=0, method="plain", initial=initial).tolist()
-    for got in (picks, cover(z, 2.5, initial, n_jobs=2, cell_size=500)):
-        reach = torch.minimum(initial, torch.cdist(z, z[got]).min(1).values)
-        assert float(reach.max()) <= 2.5
+    reach = torch.minimum(initial, torch.cdist(z, z[picks]).min(1).values)
+    assert float(reach.max()) <= 2.5
+    coreset.PLAIN_MAX, plain = 1000, coreset.PLAIN_MAX  # the lazy loop, as for many new features
+    try:
+        assert cover(z, 2.5, initial).tolist() == picks.tolist()
+    finally:
+        coreset.PLAIN_MAX = plain
     assert len(cover(z, float(initial.max()), initial)) == 0  # all covered already: nothing joins
 
 
 def test_an_update_covers_its_images_to_the_fits_radius(bottle):
     """The new features join until none lies farther from the bank (on the fit's projection) than the fit's
-    own selection radius, here with the selection split into cells."""
+    own selection radius (here a radius of cells: the fit's selection split)."""
     import torch
 
     from patchcore.coreset import random_projection

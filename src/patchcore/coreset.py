@@ -104,29 +104,21 @@ def _plain_greedy(z: torch.Tensor, n: int, start: int, progress: Progress | None
     return (picks, float(loop.dist[-1])) if return_radius else picks
 
 
-def cover(z: torch.Tensor, radius: float, initial: torch.Tensor, seed: int = 0, n_jobs: int | None = None,
-          cell_size: int | None = None) -> torch.Tensor:
+def cover(z: torch.Tensor, radius: float, initial: torch.Tensor) -> torch.Tensor:
     """Indices of the points of ``z`` (N, d) that join a selection made elsewhere (``initial``: each point's
     distance to it) by the greedy rule continued until no point lies farther than ``radius`` from the
-    selection: the farthest point first, as many as that takes (none if all lie within ``radius``).
-    Above ``cell_size`` points (None: never) they are split into k-means cells of about that many points,
-    each running its own loop, ``n_jobs`` at a time; a cell then also covers points near its border that a
-    neighbouring cell's centres already cover (a few more centres than one loop would choose)."""
+    selection: the farthest point first, as many as that takes (none if all lie within ``radius``). The exact
+    continued selection: the plain loop up to PLAIN_MAX points, :func:`lazy_greedy` above."""
     z = z.float().contiguous()
     if initial.shape != (len(z),):
         raise ValueError(f"initial must hold one distance per point ({len(z)}), got shape {tuple(initial.shape)}")
     if not len(z) or float(initial.max()) <= radius:
         return torch.zeros(0, dtype=torch.long)
-    cells = 1 if cell_size is None else max(1, -(-len(z) // max(1, int(cell_size))))
-    if cells == 1:
-        members = [torch.arange(len(z))]
-    else:
-        members = [torch.from_numpy(m) for m in _cell_members(kmeans_cells(z, cells, seed)[0])[1]]
-    members = [m for m in members if float(initial.index_select(0, m).max()) > radius]  # a loop takes one at least
-    group = CellGroup([(z.index_select(0, m), 0, initial.index_select(0, m)) for m in members], n_jobs)
-    group.lower(radius)
-    picks = [m[torch.tensor(chosen, dtype=torch.long)] for (chosen, _), m in zip(group.picks(), members)]
-    return torch.cat(picks)
+    if len(z) > PLAIN_MAX:
+        return lazy_greedy(z, len(z), initial=initial, until=radius)
+    loop = _Cell(z, 0, initial)
+    loop.run(radius)
+    return torch.tensor(loop.chosen, dtype=torch.long)
 
 
 def coreset_size(n: int, ratio: float) -> int:
@@ -460,7 +452,7 @@ LAZY_CELL = 1600
 
 def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | None = None,
                 cell_size: int = LAZY_CELL, initial: torch.Tensor | None = None,
-                return_radius: bool = False) -> torch.Tensor | tuple[torch.Tensor, float]:
+                return_radius: bool = False, until: float | None = None) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Indices of ``n`` points of ``z`` (N, d) chosen by exact greedy k-center from the seeded start that
     :func:`greedy_coreset` uses: the same selection (up to float ties), computed lazily.
 
@@ -472,7 +464,8 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
     is now too far to matter; if it still holds the largest bound, its farthest point is the farthest point of
     all. Most cells are updated rarely, in large batches, against few centres: on screw x 800 (819k points,
     82k centres) it computes 8 % of the distances of the plain loop, in 42 s instead of 38 min, one core.
-    ``initial``, ``return_radius``: as for :func:`greedy_coreset`.
+    ``initial``, ``return_radius``: as for :func:`greedy_coreset`. ``until``: stop early, before the first
+    centre that would lie no farther than this from the others (:func:`cover`).
     """
     z = z.float().contiguous()
     N = len(z)
@@ -534,6 +527,9 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
                 d2 = (sq[a][:, None] + csq[m][None, :] - 2.0 * (pts[a] @ centres[m].T)).min(1)
                 np.minimum(mind[a], np.sqrt(np.maximum(d2, 0.0)), out=mind[a])
             bound[a] = mind[a].max()
+        if until is not None and bound[a] <= until:
+            chosen = chosen[:i]
+            break
         radius = float(bound[a])  # up to date once nothing is noted for the cell: the new centre's distance
         add(i, int(members[a][int(mind[a].argmax())]))
         if progress is not None and ((i + 1) % step == 0 or i + 1 == n):
@@ -638,9 +634,4 @@ class CoresetSampler:
                             centroids if self.cell_exchange and model_bank else None, initial=initial,
                             return_radius=return_radius)
 
-    def cover(self, z: torch.Tensor, radius: float, initial: torch.Tensor, seed: int = 0,
-              n_jobs: int | None = None) -> torch.Tensor:
-        """:func:`cover` on features already projected: the greedy selection continued from a bank until no
-        point lies farther than ``radius`` from it, split into k-means cells as a selection is split."""
-        return cover(z, radius, initial, seed, n_jobs,
-                     int(self.shard_features) // 4 if self.split(len(z)) else None)
+

@@ -23,6 +23,7 @@ from .coreset import (
     CellRunner,
     CoresetSampler,
     coreset_size,
+    cover,
     random_projection,
     shard_coresets,
 )
@@ -155,9 +156,10 @@ class FitPlan:
         images the bank already covers add nothing. Adding a fixed share instead (``coreset_ratio`` of the
         new features, what a fit would keep of them; models saved before the radius was recorded) covers the
         new images more tightly than the old ones, and that unevenness cost screw's image AUROC (0.9631
-        against 0.9693 for a full fit, seed 0; docs/benchmarks.md, section 20). Both split more new features
-        than the sampler selects in one piece into k-means cells, each continuing from the bank, ``n_jobs``
-        at a time.
+        against 0.9693 for a full fit, seed 0; docs/benchmarks.md, section 20). The radius rule runs the exact
+        continued selection (:func:`patchcore.coreset.cover`); the share rule splits more new features than
+        the sampler selects in one piece into k-means cells, each continuing from the bank, ``n_jobs`` at a
+        time.
 
         ``nearest``: each new feature's nearest bank feature in the full feature space (the model's own
         search, which the update needs anyway for its calibration); a feature's distance to the bank is taken,
@@ -173,7 +175,7 @@ class FitPlan:
         zb = random_projection(torch.from_numpy(bank), dim, self.seed)
         initial = (z - zb[torch.from_numpy(np.asarray(nearest, dtype=np.int64))]).norm(dim=1)
         if radius is not None:
-            return self.sampler.cover(z, radius, initial, self.seed, n_jobs=self.n_jobs)
+            return cover(z, radius, initial)
         return self.sampler.select(z, n_keep, self.seed, n_jobs=self.n_jobs, initial=initial)
 
     def scored_order(self, n_images: int, folds: int) -> list[int]:
