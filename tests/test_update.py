@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from patchcore import PatchCore
 from patchcore.cli import app
 from patchcore.core.imagefiles import read_image
-from patchcore.coreset import CoresetSampler, cell_coreset, coreset_size, greedy_coreset, kmeans_cells
+from patchcore.coreset import CoresetSampler, cell_coreset, coreset_size, greedy_coreset, kmeans_cells, lazy_greedy
 from patchcore.thresholds import calibrate_scores, suspect_fence, suspects
 
 SMALL = dict(image_size=160, coreset_ratio=0.05, calibration_folds=3, target_far=0.1, device="cpu")
@@ -65,6 +65,9 @@ def test_covering_continues_the_greedy_selection_until_the_radius():
     coreset.PLAIN_MAX, plain = 1000, coreset.PLAIN_MAX  # the lazy loop, as for many new features
     try:
         assert cover(z, 2.5, initial).tolist() == picks.tolist()
+        many = cover(z, 1.0, initial)  # more centres than the lazy loop first makes room for (4,096)
+        assert len(many) > 4096
+        assert many.tolist() == lazy_greedy(z, len(many), initial=initial).tolist()
     finally:
         coreset.PLAIN_MAX = plain
     assert len(cover(z, float(initial.max()), initial)) == 0  # all covered already: nothing joins

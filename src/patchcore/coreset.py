@@ -494,12 +494,20 @@ def lazy_greedy(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | Non
         bound = np.array([d.max() for d in mind], dtype=np.float32)
     noted: list[list[int]] = [[] for _ in range(K)]  # centres that might reach the cell since its update
     noted_lb: list[list[float]] = [[] for _ in range(K)]
-    centres = np.empty((n, zn.shape[1]), dtype=np.float32)
-    csq = np.empty(n, dtype=np.float32)
-    chosen = np.empty(n, dtype=np.int64)
+    # Stopping at ``until``, few of the n may be chosen: room grows as they are (doubling), not for all n.
+    room = n if until is None else min(n, 4096)
+    centres = np.empty((room, zn.shape[1]), dtype=np.float32)
+    csq = np.empty(room, dtype=np.float32)
+    chosen = np.empty(room, dtype=np.int64)
     step = max(1, n // 100)
 
     def add(i: int, point: int) -> None:
+        nonlocal centres, csq, chosen
+        if i == len(chosen):
+            more = min(n, 2 * len(chosen)) - len(chosen)
+            centres = np.concatenate([centres, np.empty((more, centres.shape[1]), dtype=np.float32)])
+            csq = np.concatenate([csq, np.empty(more, dtype=np.float32)])
+            chosen = np.concatenate([chosen, np.empty(more, dtype=np.int64)])
         a = int(cell_of[point])
         c = zn[point]
         centres[i], csq[i], chosen[i] = c, c @ c, point
