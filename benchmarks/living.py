@@ -2,6 +2,7 @@
 
     python benchmarks/living.py update --category bottle --first 150 -o out/living
     python benchmarks/living.py contamination --category bottle --share 0.05 0.10 -o out/living
+    python benchmarks/living.py contamination-seeds --category screw --share 0.05 --seeds 0 1 2 -o out/living
     python benchmarks/living.py drift --category bottle --first 150 -o out/living
     python benchmarks/living.py feedback --category bottle --first 150 -o out/living
 
@@ -13,7 +14,8 @@ Time it with nothing else running (the load average is printed).
 ``contamination``: move ``share`` of the category's test defects (drawn by seed, with their masks) into its
 training set; fit with the default settings and with ``leave_out_suspects``; evaluate both (and a clean fit)
 on the test set without the moved images, and count how many moved images the audit ranks in its top k
-(k = how many were moved) and how many it lists as suspects.
+(k = how many were moved) and how many it lists as suspects. ``contamination-seeds``: the same planting, the
+fits' seed varied (``--seeds``): clean, default and robust image AUROC for each.
 
 ``drift``: fit on the first ``--first`` good images; score the other good images as they are and shifted
 (darker and brighter by 10 and 20 %, Gaussian blur of 1 and 2 px); then run the service's drift monitor
@@ -45,6 +47,7 @@ import numpy as np
 from patchcore import PatchCore
 from patchcore.datasets import Dataset, read_mvtec
 from patchcore.evaluate import evaluate_model
+from patchcore.metrics import image_auroc
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
 
@@ -95,19 +98,24 @@ def update_run(args: argparse.Namespace) -> dict:
     return out
 
 
+def plant(ds: Dataset, share: float, seed: int) -> tuple[list[Path], Dataset]:
+    """The test defects (drawn by ``seed``) that make ``share`` of the contaminated training set, and the
+    dataset without them in its test set. A larger share of one seed holds the smaller one's."""
+    defects = [i for i, s in enumerate(ds.test) if s.label == 1]
+    shuffled = list(np.random.default_rng(seed).permutation(defects))
+    moved = set(shuffled[:max(1, round(share * len(ds.train) / (1 - share)))])
+    return ([ds.test[i].path for i in sorted(moved)],
+            Dataset(ds.name, ds.train, [s for i, s in enumerate(ds.test) if i not in moved]))
+
+
 def contamination_run(args: argparse.Namespace) -> dict:
     ds = read_mvtec(Path(args.data) / args.category)
-    defects = [i for i, s in enumerate(ds.test) if s.label == 1]
-    rng = np.random.default_rng(args.seed)
-    shuffled = list(rng.permutation(defects))
-    out = {"category": args.category, "n_train": len(ds.train), "n_defects": len(defects), "runs": []}
+    out = {"category": args.category, "n_train": len(ds.train),
+           "n_defects": sum(s.label == 1 for s in ds.test), "runs": []}
     clean = PatchCore(seed=args.seed).fit(ds.train)
     out["clean_suspects"] = clean.calibration_.get("suspects")
     for share in args.share:
-        k = max(1, round(share * len(ds.train) / (1 - share)))  # share of the contaminated training set
-        moved = sorted(shuffled[:k])
-        planted = [ds.test[i].path for i in moved]
-        test = Dataset(ds.name, ds.train, [s for i, s in enumerate(ds.test) if i not in set(moved)])
+        planted, test = plant(ds, share, args.seed)
         train = list(ds.train) + planted
         names = {"/".join(p.parts[-2:]) for p in planted}
         run = {"share": share, "planted": len(planted), "clean": metrics(clean, test)}
@@ -137,6 +145,33 @@ def contamination_run(args: argparse.Namespace) -> dict:
             run[label] = row
             print(json.dumps({label: row}), file=sys.stderr, flush=True)
         out["runs"].append(run)
+    return out
+
+
+def contamination_seeds_run(args: argparse.Namespace) -> dict:
+    """The planting of seed ``--seed`` (each ``--share``), fitted with each of ``--seeds``: image AUROC of the
+    clean fit, the default fit and the robust fit on the test set without the planted images. Seed to seed,
+    the clean fit alone moves about as much as contamination costs (docs/benchmarks.md, section 20)."""
+    ds = read_mvtec(Path(args.data) / args.category)
+    out = {"category": args.category, "planted_by_seed": args.seed, "runs": []}
+    for share in args.share:
+        planted, test = plant(ds, share, args.seed)
+        names = {"/".join(p.parts[-2:]) for p in planted}
+        y = np.array([s.label for s in test.test])
+        dirty = list(ds.train) + planted
+        for seed in args.seeds:
+            row = {"share": share, "planted": len(planted), "seed": seed}
+            # Default and clean without a threshold: their banks, and so their AUROC, do not depend on it.
+            for label, params, train in (("clean", {"calibration_folds": 0}, ds.train),
+                                         ("default", {"calibration_folds": 0}, dirty),
+                                         ("robust", {"leave_out_suspects": True}, dirty)):
+                model = PatchCore(seed=seed, **params).fit(train)
+                row[label] = image_auroc(y, model.score_samples([s.path for s in test.test]))
+                if label == "robust":
+                    gone = model.calibration_.get("left_out") or []
+                    row["left_out"], row["planted_left_out"] = len(gone), sum(n in names for n, _ in gone)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            out["runs"].append(row)
     return out
 
 
@@ -247,19 +282,20 @@ def read_image_of(path: Path) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", choices=["update", "contamination", "drift", "feedback"])
+    ap.add_argument("job", choices=["update", "contamination", "contamination-seeds", "drift", "feedback"])
     ap.add_argument("--category", default="bottle")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--first", type=int, default=150)
     ap.add_argument("--share", type=float, nargs="+", default=[0.05, 0.10])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="contamination-seeds: the fits' seeds")
     ap.add_argument("--streams", type=int, default=200)
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--darker", type=float, default=0.3)
     ap.add_argument("-o", "--output", default="out/living")
     args = ap.parse_args()
-    out = {"update": update_run, "contamination": contamination_run, "drift": drift_run,
-           "feedback": feedback_run}[args.job](args)
+    out = {"update": update_run, "contamination": contamination_run, "contamination-seeds": contamination_seeds_run,
+           "drift": drift_run, "feedback": feedback_run}[args.job](args)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     path = Path(args.output) / f"{args.job}_{args.category}.json"
     path.write_text(json.dumps(out, indent=1))
