@@ -78,11 +78,16 @@ def greedy_coreset(z: torch.Tensor, n: int, seed: int = 0, progress: Progress | 
         raise ValueError(f"coreset size must be between 1 and {N}, got {n}")
     if method not in ("auto", "plain", "lazy"):
         raise ValueError(f"method must be auto, plain or lazy, got {method!r}")
-    if initial is not None and initial.shape != (N,):
-        raise ValueError(f"initial must hold one distance per point ({N}), got shape {tuple(initial.shape)}")
+    if initial is not None:
+        _check_initial(initial, N)
     if method == "plain" or (method == "auto" and N <= PLAIN_MAX):
         return _plain_greedy(z, n, _seeded_start(N, seed), progress, initial, return_radius)
     return lazy_greedy(z, n, seed, progress, initial=initial, return_radius=return_radius)
+
+
+def _check_initial(initial: torch.Tensor, n: int) -> None:
+    if initial.shape != (n,):
+        raise ValueError(f"initial must hold one distance per point ({n}), got shape {tuple(initial.shape)}")
 
 
 def _seeded_start(n: int, seed: int) -> int:
@@ -110,8 +115,7 @@ def cover(z: torch.Tensor, radius: float, initial: torch.Tensor) -> torch.Tensor
     selection: the farthest point first, as many as that takes (none if all lie within ``radius``). The exact
     continued selection: the plain loop up to PLAIN_MAX points, :func:`lazy_greedy` above."""
     z = z.float().contiguous()
-    if initial.shape != (len(z),):
-        raise ValueError(f"initial must hold one distance per point ({len(z)}), got shape {tuple(initial.shape)}")
+    _check_initial(initial, len(z))
     if not len(z) or float(initial.max()) <= radius:
         return torch.zeros(0, dtype=torch.long)
     if len(z) > PLAIN_MAX:

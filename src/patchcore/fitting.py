@@ -168,7 +168,7 @@ class FitPlan:
         projection exactly instead pruned poorly (screw: 62 % of the bank compared, 18 s for 90 images,
         against 6 s for the full-space search)."""
         n_keep = self.n_keep(len(feats))
-        if n_keep >= len(feats) or radius == 0.0:
+        if n_keep >= len(feats):
             return torch.arange(len(feats))
         dim = self.sampler.projection_dim
         z = random_projection(feats, dim, self.seed)

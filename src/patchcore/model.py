@@ -603,7 +603,8 @@ class PatchCore:
         flat = feats.reshape(-1, d)
         # One search of the old bank serves both: the coreset's starting distances and the calibration.
         dist, nn = self.memory().nearest(flat.float().numpy(), n_jobs=self._search_jobs())
-        picks = plan.grow(self._bank, flat, nearest=nn, radius=self._info.get("coreset_radius"))
+        radius = self._info.get("coreset_radius")  # None in files written before fits recorded it
+        picks = plan.grow(self._bank, flat, nearest=nn, radius=radius)
         added = flat.index_select(0, picks).float().numpy()
         t1 = time.perf_counter()
         owner = (picks // (n_turns * h * w)).numpy()  # the new image each added feature came from
@@ -613,7 +614,7 @@ class PatchCore:
         bank = np.concatenate([self._bank, added])
         self._bank, self._search = bank, None
         step = {"images": n_img, "bank_added": len(bank) - before, "skipped": len(self.skipped_),
-                "added_by": "share" if self._info.get("coreset_radius") is None else "radius",
+                "added_by": "share" if radius is None else "radius",
                 "seconds": time.perf_counter() - t0, "extract_seconds": t_extract,
                 "select_seconds": t1 - t0 - t_extract}
         self._info.update(n_images=int(self._info["n_images"]) + n_img,
