@@ -43,6 +43,17 @@ def test_input_size_keeps_the_median_aspect_and_square_stays_square():
     assert input_size_for([(1260, 500)], None, scale=1.0) == (1264, 496)  # native, to the stride of 16
 
 
+def test_the_smallest_defect_enlarges_the_input_and_never_shrinks_it():
+    # 800 x 600 images: shorter side 288 by default (0.48 of native); a 32 px defect asks for native pixels,
+    # a 64 px one for half of them (0.5, just above 0.48), a 400 px one for less than the default gives.
+    assert input_size_for([(800, 600)], 288) == (384, 288)
+    assert input_size_for([(800, 600)], 288, defect_size=32) == (800, 608)
+    assert input_size_for([(800, 600)], 288, defect_size=64) == (400, 304)
+    assert input_size_for([(800, 600)], 288, defect_size=400) == (384, 288)
+    # KolektorSDD's cracks are 130 px or more across (10th percentile of its masks): the default stands.
+    assert input_size_for([(1260, 500)], 288, defect_size=130) == (720, 288)
+
+
 @settings(max_examples=40, deadline=None)
 @given(h=st.integers(32, 300), w=st.integers(32, 300), ch=st.integers(2, 12), cw=st.integers(2, 12))
 def test_placement_scales_both_axes_alike_and_fits(h, w, ch, cw):
@@ -129,9 +140,35 @@ def test_an_image_size_pair_sets_the_input_exactly_and_bad_sizes_are_refused(ksd
     model = PatchCore(image_size=(512, 224), coreset_ratio=0.1, calibration_folds=0, device="cpu").fit(good)
     assert model.preprocessing.resize == (512, 224)
     for bad in ({"image_size": (500, 224)}, {"image_size": 16}, {"scale": 0.0}, {"scale": 1.0, "image_size": 288},
-                {"preset": "paper", "keep_aspect": True}, {"scale": 1.0, "keep_aspect": False}):
+                {"preset": "paper", "keep_aspect": True}, {"scale": 1.0, "keep_aspect": False},
+                {"defect_size": 2}, {"defect_size": "small"}, {"defect_size": 40, "scale": 1.0},
+                {"defect_size": 40, "image_size": (512, 224)}, {"defect_size": 40, "keep_aspect": False}):
         with pytest.raises(PatchCoreError):
             PatchCore(**bad).fit(good)
+
+
+def test_the_cli_fits_for_the_smallest_defect_and_the_file_keeps_its_input(ksdd, tmp_path):
+    """``--defect-size 40`` on KolektorSDD (500 px wide): 32 / 40 = 0.8 network pixels per image pixel, more
+    than the default's 288 / 500, so a 1008 x 400 input; the file records it and loads with it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import link_images
+    from patchcore.cli import app
+
+    src = ksdd / "train" / "good"
+    good = link_images(src, tmp_path / "good", sorted(p.name for p in src.iterdir())[:4])
+    out = tmp_path / "m.safetensors"
+    res = CliRunner().invoke(app, ["fit", str(good), "-o", str(out), "--defect-size", "40", "--folds", "2",
+                                   "--coreset-ratio", "0.05", "--target-far", "0.5"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    info = json.loads(CliRunner().invoke(app, ["info", str(out), "--json"]).stdout)
+    assert info["params"]["defect_size"] == 40 and info["fit_info"]["input_size"] == [1008, 400]
+    model = PatchCore.load(out)
+    assert model.preprocessing.resize == (1008, 400) and model.defect_size == 40
+    res = CliRunner().invoke(app, ["fit", str(good), "-o", str(tmp_path / "n.safetensors"), "--defect-size", "1"])
+    assert res.exit_code == 1 and "defect_size" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_squashing_model_file_from_before_loads_square(small_model, tmp_path):

@@ -294,6 +294,9 @@ ImageSize = Annotated[Optional[int], typer.Option(help="Shorter side of the netw
                                                        "ratio. Larger sees smaller defects, slower.")]
 Scale = Annotated[Optional[float], typer.Option(help="Instead of --image-size: network pixels per image pixel "
                                                      "(1 = native resolution), for small defects on large images.")]
+DefectSize = Annotated[Optional[float], typer.Option(help="The smallest defect to find, in image pixels across: "
+                                                          "the network input is enlarged where needed so that it "
+                                                          "spans 32 network pixels (never made smaller).")]
 KeepAspect = Annotated[Optional[bool], typer.Option("--keep-aspect/--squash", help="Keep each image's aspect "
                                                      "ratio, or squash it to a square (default: the preset's; "
                                                      "paper squashes).", show_default=False)]
@@ -348,6 +351,7 @@ def fit(
     preset: Preset = "full",
     image_size: ImageSize = None,
     scale: Scale = None,
+    defect_size: DefectSize = None,
     keep_aspect: KeepAspect = None,
     border_pad: BorderPad = None,
     rotations: Rotations = None,
@@ -374,7 +378,7 @@ def fit(
 ) -> None:
     """Fit a model on good images and calibrate its pass/fail threshold for a target false-alarm rate."""
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
-                           scale=scale, keep_aspect=keep_aspect,
+                           scale=scale, defect_size=defect_size, keep_aspect=keep_aspect,
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
                            border_pad=border_pad, rotations=rotations)
@@ -441,6 +445,7 @@ def fit_many_cmd(
     preset: Preset = "full",
     image_size: ImageSize = None,
     scale: Scale = None,
+    defect_size: DefectSize = None,
     keep_aspect: KeepAspect = None,
     border_pad: BorderPad = None,
     rotations: Rotations = None,
@@ -471,7 +476,7 @@ def fit_many_cmd(
     if not output.parent.resolve().is_dir():
         raise CliError(f"{output.parent}: folder does not exist")
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
-                           scale=scale, keep_aspect=keep_aspect,
+                           scale=scale, defect_size=defect_size, keep_aspect=keep_aspect,
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, border_pad=border_pad, rotations=rotations,
                            backbone_weights=backbone_weights, calibration_folds=folds)
@@ -600,6 +605,7 @@ def evaluate(
     preset: Preset = "full",
     image_size: ImageSize = None,
     scale: Scale = None,
+    defect_size: DefectSize = None,
     keep_aspect: KeepAspect = None,
     border_pad: BorderPad = None,
     rotations: Rotations = None,
@@ -625,7 +631,7 @@ def evaluate(
     if not data.exists():
         raise CliError(f"{data}: no such folder")
     params = _model_params(backbone=backbone, coreset_ratio=coreset_ratio, preset=preset, image_size=image_size,
-                           scale=scale, keep_aspect=keep_aspect,
+                           scale=scale, defect_size=defect_size, keep_aspect=keep_aspect,
                            num_neighbors=num_neighbors, sigma=sigma, seed=seed, device=device,
                            batch_size=batch_size, target_far=target_far, backbone_weights=backbone_weights,
                            border_pad=border_pad, rotations=rotations, calibration_folds=folds)

@@ -38,6 +38,8 @@ from .thresholds import Calibration, calibrate, calibrate_scores, suspect_fence,
 
 # What a calibration keeps about the images it was made on, through recalibration and updates.
 _CALIBRATION_RECORD = ("folds", "images", "left_out", "updates", "floor")
+# Most audits (cross-fits) a fit with leave_out_suspects runs, each leaving out what the last one found.
+LEAVE_OUT_ROUNDS = 3
 
 
 NO_GOOD_IMAGES = "no readable good images to fit on"
@@ -68,6 +70,9 @@ class PatchCore:
         inside the input without changing its shape, the margin mirrored (see ``keep_aspect``).
     scale: instead of ``image_size``, network pixels per image pixel (1.0: native resolution; 0.5: half),
         applied to the median good image; for small defects on large images.
+    defect_size: the smallest defect to find, in image pixels across: the input is enlarged where needed so
+        that such a defect spans 32 network pixels (four patches; never smaller than ``image_size`` makes
+        it), so a small defect on a large image is not shrunk away. Time grows with the input's pixels.
     keep_aspect: keep each image's aspect ratio (default: the preset's; True but for "paper", which squashes
         every image to a square as the paper's table was made).
     tile_size: a network input with more pixels than a square of this side goes through the network in
@@ -115,7 +120,7 @@ class PatchCore:
 
     def __init__(self, *, backbone: str | None = None, preset: str = "full",
                  image_size: int | tuple[int, int] | None = None, scale: float | None = None,
-                 keep_aspect: bool | None = None, tile_size: int | None = 1024,
+                 defect_size: float | None = None, keep_aspect: bool | None = None, tile_size: int | None = 1024,
                  rotations: tuple[int, ...] | None = None, border_pad: int | None = None,
                  coreset_ratio: float = 0.1, num_neighbors: int = 9, sigma: float = 4.0, target_far: float = 0.01,
                  calibration_folds: int = 5, leave_out_suspects: bool = False, seed: int = 0,
@@ -128,6 +133,7 @@ class PatchCore:
         self.preset = preset
         self.image_size = image_size
         self.scale = scale
+        self.defect_size = defect_size
         self.keep_aspect = keep_aspect
         self.tile_size = tile_size
         self.rotations = rotations
@@ -225,7 +231,8 @@ class PatchCore:
 
     def input_size_for(self, images: ImagesLike, skip_unreadable: bool = False) -> tuple[int, int]:
         """The network input (height, width) this model would fit ``images`` at: the median image's shape at
-        ``image_size`` (its shorter side) or ``scale``, each side rounded to the stride. Files are sized
+        ``image_size`` (its shorter side) or ``scale``, enlarged for ``defect_size``, each side rounded to the
+        stride. Files are sized
         from their headers, without decoding them."""
         fixed = self._set_size()
         if fixed is not None:
@@ -239,7 +246,8 @@ class PatchCore:
                     raise
         if not sizes:
             raise PatchCoreError(NO_GOOD_IMAGES)
-        return input_size_for(sizes, self.image_size or settings.preset(self.preset).resize[0], self.scale)
+        return input_size_for(sizes, self.image_size or settings.preset(self.preset).resize[0], self.scale,
+                              self.defect_size)
 
     def channels_for(self, images: ImagesLike, skip_unreadable: bool = False) -> str:
         """What a model fitted on ``images`` takes, "gray" or "color": its first readable good image's kind.
@@ -420,23 +428,28 @@ class PatchCore:
         folds = plan.folds(n_img)
         bank, fold_banks, n_parts, radius = plan.select_banks(feats, progress)
         # New images are scored as they come, so the calibration scores the images unturned. Leaving suspects
-        # out, the first cross-fit scores every image (no calibration_max_images): each one is audited.
+        # out, every cross-fit scores every image (no calibration_max_images): each one is audited.
         audit = replace(plan, calibration_max_images=None) if self.leave_out_suspects else plan
         cross = audit.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress) if folds >= 2 else None
         order = audit.scored_order(n_img, folds) if cross is not None else []
         left_out: list[list] = []
-        if cross is not None and self.leave_out_suspects:
+        floor = None
+        # Defects of one kind hidden in several folds cover each other in a cross-fit; once the most
+        # obvious are out, the next cross-fit exposes those they covered. So audit again, a few rounds.
+        for _ in range(LEAVE_OUT_ROUNDS if cross is not None and self.leave_out_suspects else 0):
             found = suspects(cross[0])
-            if found and n_img - len(found) >= max(2, folds):
-                floor = suspect_fence(cross[0])
-                left_out = [[names[order[i]], cross[0][i]] for i in found]
-                keep = np.setdiff1d(np.arange(n_img), [order[i] for i in found])
-                feats, sizes = feats[torch.from_numpy(keep)], [sizes[i] for i in keep]
-                names, n_img = [names[i] for i in keep], len(keep)
-                folds = plan.folds(n_img)
-                bank, fold_banks, n_parts, radius = plan.select_banks(feats, progress)
-                cross = plan.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress)
-                order = plan.scored_order(n_img, folds)
+            if not found or n_img - len(found) < max(2, folds):
+                break
+            # The first round's fence, on every image, is the floor: a clean set's tail is not cut away.
+            floor = suspect_fence(cross[0]) if floor is None else floor
+            left_out += [[names[order[i]], cross[0][i]] for i in found]
+            keep = np.setdiff1d(np.arange(n_img), [order[i] for i in found])
+            feats, sizes = feats[torch.from_numpy(keep)], [sizes[i] for i in keep]
+            names, n_img = [names[i] for i in keep], len(keep)
+            folds = audit.folds(n_img)
+            bank, fold_banks, n_parts, radius = audit.select_banks(feats, progress)
+            cross = audit.cross_fit(feats[:, 0], sizes, fold_banks, self.score_summary, progress)
+            order = audit.scored_order(n_img, folds)
         t2 = time.perf_counter()
         record = {"images": [names[i] for i in order]} if cross is not None else {}
         if left_out:

@@ -339,7 +339,8 @@ SETTING_LABELS = {"target_far": "target false-alarm rate", "num_neighbors": "sco
                   "shard_features": "most features selected in one piece", "shard_by": "large selections split by",
                   "cell_exchange": "coreset cells exchange centres", "exact_bank": "exact bank selection",
                   "storage_dtype": "feature storage while fitting", "image_size": "network input, shorter side (px)",
-                  "scale": "network pixels per image pixel", "keep_aspect": "aspect ratio kept",
+                  "scale": "network pixels per image pixel",
+                  "defect_size": "smallest defect to find (image px)", "keep_aspect": "aspect ratio kept",
                   "leave_out_suspects": "training images that look defective left out"}
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backbones import NORMALIZATIONS, get_backbone
-from .core.geometry import Preprocessing
+from .core.geometry import DEFECT_SPAN, Preprocessing
 from .core.tiling import TILE_MARGIN
 from .devices import check_device
 from .errors import PatchCoreError
@@ -114,6 +114,16 @@ def check(model: PatchCore) -> None:
         if size is not None or not keep:
             raise PatchCoreError("scale sets the network input's size from the good images' own: give image_size "
                                  "or scale, not both, and not with keep_aspect=False")
+    if model.defect_size is not None:
+        low = DEFECT_SPAN / 8.0  # the largest scale allowed
+        if not (isinstance(model.defect_size, (int, float, np.integer, np.floating))
+                and low <= float(model.defect_size)):
+            raise PatchCoreError(f"defect_size (image pixels across the smallest defect) must be at least {low:g}, "
+                                 f"got {model.defect_size!r}")
+        if model.scale is not None or isinstance(size, (tuple, list)) or not keep:
+            raise PatchCoreError("defect_size enlarges the network input chosen from the good images: give it "
+                                 "without scale, without an image_size of (height, width) and without "
+                                 "keep_aspect=False")
     tile = model.tile_size
     if tile is not None and (not isinstance(tile, (int, np.integer)) or tile % 16 or tile < 2 * TILE_MARGIN + 64):
         raise PatchCoreError(f"tile_size must be a multiple of 16 of at least {2 * TILE_MARGIN + 64} pixels "

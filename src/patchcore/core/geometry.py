@@ -82,16 +82,25 @@ def round_side(x: float) -> int:
     return max(2 * STRIDE, int(round(x / STRIDE)) * STRIDE)
 
 
-def input_size_for(sizes: Sequence[tuple[int, int]], short_side: int | None = None, scale: float | None = None
-                   ) -> tuple[int, int]:
+# Network pixels the smallest defect to find should span: four cells of the stride-8 patch grid, more than the
+# 3 x 3 neighbourhood (24 px) every patch feature averages over, so the defect fills at least one patch's.
+DEFECT_SPAN = 32
+
+
+def input_size_for(sizes: Sequence[tuple[int, int]], short_side: int | None = None, scale: float | None = None,
+                   defect_size: float | None = None) -> tuple[int, int]:
     """The network input (height, width) for images of ``sizes`` (height, width): the median image's shape,
     scaled so that its shorter side is ``short_side`` or by ``scale`` (network pixels per image pixel), each
-    side rounded to the stride. The aspect ratio is kept within that rounding; the images themselves are
-    never stretched to it (see :attr:`Preprocessing.keep_aspect`)."""
+    side rounded to the stride. ``defect_size`` (image pixels across the smallest defect to find) enlarges
+    the input where needed so that such a defect spans :data:`DEFECT_SPAN` network pixels; it never makes the
+    input smaller. The aspect ratio is kept within that rounding; the images themselves are never stretched
+    to it (see :attr:`Preprocessing.keep_aspect`)."""
     if not sizes:
         raise ValueError("no image sizes to choose the network input from")
     h, w = (float(np.median([s[i] for s in sizes])) for i in (0, 1))
     s = float(scale) if scale is not None else float(short_side) / min(h, w)
+    if defect_size is not None:
+        s = max(s, DEFECT_SPAN / float(defect_size))
     return round_side(h * s), round_side(w * s)
 
 
