@@ -154,8 +154,9 @@ def test_the_cli_fits_for_the_smallest_defect_and_the_file_keeps_its_input(ksdd,
 
     from typer.testing import CliRunner
 
-    from conftest import link_images
     from patchcore.cli import app
+
+    from conftest import link_images
 
     src = ksdd / "train" / "good"
     good = link_images(src, tmp_path / "good", sorted(p.name for p in src.iterdir())[:4])
