@@ -252,3 +252,31 @@ def test_fit_lists_a_defective_image_hidden_among_the_good_and_can_leave_it_out(
     assert robust.threshold_ >= robust.calibration_["floor"] == pytest.approx(suspect_fence(cal["scores"]))
     # Left out, the defect is scored as a defect again.
     assert robust.score_samples([defect])[0] > robust.threshold_ > model.score_samples([defect])[0]
+
+
+def test_the_leave_out_audits_again_on_what_is_left(bottle, tmp_path, monkeypatch):
+    """After a round leaves images out, the next cross-fit audits the rest (defects of one kind in other folds
+    stop covering each other): here an audit that takes each round's highest score, twice, then nothing."""
+    import patchcore.model as model_module
+
+    hidden = tmp_path / "good"
+    hidden.mkdir()
+    for p in goods(bottle, 14):
+        (hidden / p.name).symlink_to(p.resolve())
+    (hidden / "zz_planted.png").symlink_to(sorted((bottle / "test" / "broken_large").glob("*.png"))[0].resolve())
+    rounds: list[list[float]] = []
+
+    def highest_twice(scores, fence=3.0):
+        rounds.append(list(scores))
+        return [int(np.argmax(scores))] if len(rounds) <= 2 else []
+
+    monkeypatch.setattr(model_module, "suspects", highest_twice)
+    robust = PatchCore(**SMALL, leave_out_suspects=True).fit(hidden)
+    # Three audits, each scoring every image left, then the list of suspects the calibration keeps.
+    assert [len(r) for r in rounds] == [15, 14, 13, 13]
+    gone = robust.calibration_["left_out"]
+    assert gone[0][0] == "good/zz_planted.png" and gone[0][1] == max(rounds[0])
+    assert gone[1][1] == max(rounds[1]) and gone[1][0] != gone[0][0]
+    assert robust.fit_info_["n_images"] == 13 and not {n for n, _ in gone} & set(robust.calibration_["images"])
+    # The floor is the first audit's fence, over every image: later rounds do not lower it.
+    assert robust.calibration_["floor"] == pytest.approx(suspect_fence(rounds[0]))
