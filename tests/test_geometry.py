@@ -164,6 +164,8 @@ def test_the_cli_fits_for_the_smallest_defect_and_the_file_keeps_its_input(ksdd,
     res = CliRunner().invoke(app, ["fit", str(good), "-o", str(out), "--defect-size", "40", "--folds", "2",
                                    "--coreset-ratio", "0.05", "--target-far", "0.5"])
     assert res.exit_code == 0, (res.stdout, res.stderr)
+    # The summary says which defects the input shows at four patches: 40 px at 0.8 of native.
+    assert "smallest defect seen well" in res.stdout and "about 40 image px" in res.stdout
     info = json.loads(CliRunner().invoke(app, ["info", str(out), "--json"]).stdout)
     assert info["params"]["defect_size"] == 40 and info["fit_info"]["input_size"] == [1008, 400]
     model = PatchCore.load(out)

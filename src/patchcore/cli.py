@@ -403,6 +403,9 @@ def fit(
     rows = [("good images", f"{summary['n_good']} ({summary['layout']})"),
             ("fitted on", f"{summary['n_fit']} images -> memory bank of {summary['bank_size']} patches"),
             ("network input", summary["network_input"]),
+            ("smallest defect seen well", "-" if summary["smallest_defect_px"] is None else
+             f"about {summary['smallest_defect_px']:.0f} image px across (32 network px); --defect-size "
+             f"enlarges the input for smaller ones"),
             ("calibrated on", f"{n_cal} good images ({summary['calibration_source']})"),
             ("threshold", f"{summary['threshold']:.6g}  ({summary['threshold_source']})"),
             ("guarantee", summary["guarantee"]),

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .core.files import atomic_write, atomic_write_text
-from .core.imagefiles import as_items, is_image_file, iter_loaded, list_images
+from .core.geometry import smallest_defect
+from .core.imagefiles import as_items, check_image_file, is_image_file, iter_loaded, list_images
 from .errors import DatasetError, PatchCoreError
 from .inference import (
     THRESHOLD_OVERRIDDEN,
@@ -63,6 +64,15 @@ Progress = Callable[[str, int, int], None]
 
 
 # ------------------------------------------------------------------------------------------ data folders
+def _header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) from an image file's header; None where it cannot be read."""
+    try:
+        w, h = check_image_file(path)
+    except PatchCoreError:
+        return None
+    return h, w
+
+
 def good_images(data: str | os.PathLike) -> tuple[list[Path], str]:
     """The good images of ``data`` and the layout they were found in: an MVTec category (its train/good/), a
     folder layout (its good/) or a folder of good images. Raises DatasetError when there are none."""
@@ -290,12 +300,17 @@ def fit_folder(data: str | os.PathLike, output: str | os.PathLike, params: dict[
     info = model.fit_info_
     from .report import input_in_words, left_out_in_words, suspects_in_words
 
+    fitted = [size for size in (_header_size(p) for p in goods) if size is not None]
+    median = (int(np.median([s[0] for s in fitted])), int(np.median([s[1] for s in fitted]))) if fitted else None
+
     return {
         "model": str(output), "data": str(data), "layout": layout, "n_good": len(goods),
         "n_fit": int(info["n_images"]), "n_calibration": cal.n, "calibration_source": cal.source,
         "n_defect": cal.n_defect, "bank_size": info["bank_size"], "threshold": cal.threshold,
         "input_size": list(model.preprocessing.input_size), "keep_aspect": model.preprocessing.keep_aspect,
         "channels": model.preprocessing.channels, "network_input": input_in_words(model.preprocessing),
+        "median_image_size": median,
+        "smallest_defect_px": None if median is None else smallest_defect(model.preprocessing, median),
         "threshold_from": cal.threshold_from, "pixel_threshold": cal.pixel_threshold,
         "far_threshold": cal.far_threshold, "f1_threshold": cal.f1_threshold, "f1": cal.f1,
         "target_far": target_far, "method": cal.method, "rule": cal.rule, "resolved": cal.resolved,

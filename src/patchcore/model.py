@@ -96,7 +96,9 @@ class PatchCore:
     leave_out_suspects: the cross-fit scores every good image against a bank built without it, so a defective
         part hidden among the good images stands out (:func:`patchcore.thresholds.suspects`, listed in
         ``calibration_["suspects"]`` by every fit); with True, the fit then selects its banks and calibrates
-        again without those images (listed in ``calibration_["left_out"]``), for up to twice the fit time.
+        again without those images (listed in ``calibration_["left_out"]``) and audits what is left, up to
+        three rounds (defects of one kind in several folds cover each other until some are out), each one
+        scoring every image: for up to about four times the fit time where every round finds some.
     seed: makes projection and coreset start, hence the whole model, deterministic.
     device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     batch_size: images per forward pass.

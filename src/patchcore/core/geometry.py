@@ -104,6 +104,14 @@ def input_size_for(sizes: Sequence[tuple[int, int]], short_side: int | None = No
     return round_side(h * s), round_side(w * s)
 
 
+def smallest_defect(pre: Preprocessing, size: tuple[int, int]) -> float:
+    """Image pixels across the smallest defect that an image of ``size`` (height, width) shows at
+    :data:`DEFECT_SPAN` network pixels through ``pre`` (along its more shrunk side): smaller ones are shrunk
+    below four patches, and ``defect_size`` is what enlarges the input for them."""
+    _, _, h, w = pre.placement(size)
+    return DEFECT_SPAN * max(size[0] / h, size[1] / w)
+
+
 def is_gray(rgb: np.ndarray) -> bool:
     """True when an H x W x 3 image's three channels are equal (a grayscale image read as RGB). A uniform image
     (a black or saturated frame, a blank) says nothing of its camera and counts as either kind: False."""
