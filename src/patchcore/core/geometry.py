@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import ImageError
+from .threads import one_blas_thread
 from .tiling import Tile, plan_tiles
 
 
@@ -61,8 +62,9 @@ def resize_planes(x: np.ndarray, size: tuple[int, int], antialias: bool) -> np.n
     p, h, w = x.shape
     if (h, w) == tuple(size):
         return x
-    x = (x.reshape(p * h, w) @ linear_weights(w, int(size[1]), antialias).T).reshape(p, h, int(size[1]))
-    return np.ascontiguousarray(linear_weights(h, int(size[0]), antialias) @ x)
+    with one_blas_thread:  # the same sums in the same order whatever the process's BLAS threads
+        x = (x.reshape(p * h, w) @ linear_weights(w, int(size[1]), antialias).T).reshape(p, h, int(size[1]))
+        return np.ascontiguousarray(linear_weights(h, int(size[0]), antialias) @ x)
 
 
 def resize(a: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:

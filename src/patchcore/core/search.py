@@ -11,9 +11,9 @@ bottle, a query visits about a tenth of the bank.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
+
+from .threads import one_blas_thread
 
 # Queries a cell is compared with in one block (see CellSearch._scan).
 SCAN_ROWS = 1024
@@ -27,44 +27,6 @@ def default_cells(n: int) -> int:
     return 1 if n < MIN_CLUSTERED else int(round(np.sqrt(n) / 2))
 
 
-class _OneBlasThread:
-    """Run numpy's BLAS on one thread while any search runs (re-entrant across threads).
-
-    The search is a few hundred small matrix products per image. With OpenBLAS's default of one thread a
-    core, every product wakes and joins the other threads; on a busy 2-core machine each wake-up waits for a
-    time slice, and one image took 1.4 s instead of 28 ms (measured on bottle at a load average of 3).
-    The limit is process-wide (that is how BLAS works), so it is taken by the first search in and given
-    back by the last one out.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._limit = None
-        self._controller = None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._inside == 0:
-                try:
-                    from threadpoolctl import ThreadpoolController
-                except ImportError:  # without threadpoolctl the search is right, only slower on busy machines
-                    ThreadpoolController = None  # noqa: N806
-                if ThreadpoolController is not None:
-                    if self._controller is None:
-                        self._controller = ThreadpoolController().select(user_api="blas")
-                    self._limit = self._controller.limit(limits=1)
-            self._inside += 1
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._inside -= 1
-            if self._inside == 0 and self._limit is not None:
-                self._limit.restore_original_limits()
-                self._limit = None
-
-
-_one_blas_thread = _OneBlasThread()
 
 
 def _radii(points: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> np.ndarray:
@@ -177,7 +139,7 @@ class CellSearch:
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Distance (not squared) and bank index of each query's nearest feature, and the share of the
         bank's features that were compared (1.0 for brute force)."""
-        with _one_blas_thread:
+        with one_blas_thread:
             return self._nearest(queries)
 
     def _nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 from ..errors import PatchCoreError
 
@@ -52,3 +53,46 @@ def decide(n: int | None = None) -> int | None:
             blas = os.environ.get("OPENBLAS_NUM_THREADS", "")  # one the user set wins here too
             threadpool_limits(limits=int(blas) if blas.isdigit() and int(blas) > 0 else value, user_api="blas")
     return value
+
+
+class OneBlasThread:
+    """Run numpy's BLAS on one thread while any search or resize runs (re-entrant across threads).
+
+    The search is a few hundred small matrix products per image. With OpenBLAS's default of one thread a
+    core, every product wakes and joins the other threads; on a busy 2-core machine each wake-up waits for a
+    time slice, and one image took 1.4 s instead of 28 ms (measured on bottle at a load average of 3).
+    One thread also makes the products' results independent of the process's BLAS threads: OpenBLAS sums
+    in another order with two threads than with one (the resized input differed by 1.5e-5), and the greedy
+    coreset turns such differences into another bank (screw: image AUROC 0.9725 or 0.9620 for one seed,
+    docs/benchmarks.md, section 21). The limit is process-wide (that is how BLAS works), so it is taken by
+    the first user in and given back by the last one out.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._limit = None
+        self._controller = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                try:
+                    from threadpoolctl import ThreadpoolController
+                except ImportError:  # without threadpoolctl the search is right, only slower on busy machines
+                    ThreadpoolController = None  # noqa: N806
+                if ThreadpoolController is not None:
+                    if self._controller is None:
+                        self._controller = ThreadpoolController().select(user_api="blas")
+                    self._limit = self._controller.limit(limits=1)
+            self._inside += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0 and self._limit is not None:
+                self._limit.restore_original_limits()
+                self._limit = None
+
+
+one_blas_thread = OneBlasThread()
