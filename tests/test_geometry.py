@@ -278,3 +278,21 @@ def test_a_tiled_model_exports_and_the_runtime_tiles_alike(ksdd, native_ksdd, tm
         rt = runtime.load(tmp_path / "exp", path=path)
         got, ref = rt.predict(crack), tiled.predict(crack)
         assert [g.anomaly_map.shape for g in got] == [r.anomaly_map.shape for r in ref]
+
+
+def test_features_do_not_depend_on_the_processes_blas_threads(ksdd):
+    """The resize's matrix products run on one BLAS thread whatever the process's pool holds: OpenBLAS sums
+    in another order with two threads, and the greedy coreset turned that into another bank for one seed."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    good = sorted((ksdd / "train" / "good").iterdir())[:2]
+    model = PatchCore(calibration_folds=0, device="cpu")
+    with threadpool_limits(limits=1, user_api="blas"):
+        one, _ = model.extract(good)
+    with threadpool_limits(limits=2, user_api="blas"):
+        two, _ = model.extract(good)
+    assert torch.equal(one, two)
+    image = np.asarray(Image.open(good[0]).convert("RGB"), dtype=np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert np.array_equal(resize(image, (720, 288), True), resize(image, (720, 288), True))
