@@ -370,7 +370,8 @@ def fit(
     leave_out_suspects: Annotated[bool, typer.Option(
         "--leave-out-suspects",
         help="Fit again without the good images whose cross-fitted score looks defective (a defective part "
-             "hidden among the good ones); up to twice the fit time. Without it they are only listed.")] = False,
+             "hidden among the good ones), and audit what is left again, up to three rounds; up to about four "
+             "times the fit time. Without it they are only listed.")] = False,
     skip_unreadable: SkipUnreadable = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
