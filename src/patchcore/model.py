@@ -234,8 +234,7 @@ class PatchCore:
     def input_size_for(self, images: ImagesLike, skip_unreadable: bool = False) -> tuple[int, int]:
         """The network input (height, width) this model would fit ``images`` at: the median image's shape at
         ``image_size`` (its shorter side) or ``scale``, enlarged for ``defect_size``, each side rounded to the
-        stride. Files are sized
-        from their headers, without decoding them."""
+        stride. Files are sized from their headers, without decoding them."""
         fixed = self._set_size()
         if fixed is not None:
             return fixed

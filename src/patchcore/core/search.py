@@ -27,8 +27,6 @@ def default_cells(n: int) -> int:
     return 1 if n < MIN_CLUSTERED else int(round(np.sqrt(n) / 2))
 
 
-
-
 def _radii(points: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> np.ndarray:
     """Each cell's radius: the distance from its centroid to its farthest member (``cell``: each point's)."""
     spread = np.linalg.norm(points.astype(np.float64) - centroids[cell], axis=1)

@@ -79,7 +79,7 @@ class OneBlasThread:
             if self._inside == 0:
                 try:
                     from threadpoolctl import ThreadpoolController
-                except ImportError:  # without threadpoolctl the search is right, only slower on busy machines
+                except ImportError:  # a dependency; without it results hold for the process's own BLAS threads
                     ThreadpoolController = None  # noqa: N806
                 if ThreadpoolController is not None:
                     if self._controller is None:
