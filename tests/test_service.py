@@ -187,7 +187,12 @@ def test_predict_gives_the_numbers_and_pictures_of_patchcore_predict(server, sma
                 assert got[key] == row[key], (img, key, got[key], row[key])
             assert got["model"] == "bottle" and got["threshold_source"] == json.loads(res.stdout)["threshold_source"]
             overlay = decode_png(got["overlay_png"])
-            np.testing.assert_array_equal(overlay, np.asarray(Image.open(out / row["overlay"])))
+            # The same picture up to float rounding: the server and the CLI run their threads differently, and
+            # a blended pixel may round to the next grey level (seen: one pixel of 196,608, by 1).
+            ref = np.asarray(Image.open(out / row["overlay"]))
+            assert overlay.shape == ref.shape
+            diff = np.abs(overlay.astype(int) - ref.astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
             mask = decode_png(got["mask_png"])
             np.testing.assert_array_equal(mask, np.asarray(Image.open(out / row["mask"])))
             if got["is_anomalous"]:
