@@ -32,7 +32,7 @@ import numpy as np
 
 from .core.files import atomic_write, atomic_write_text
 from .core.geometry import smallest_defect
-from .core.imagefiles import as_items, check_image_file, is_image_file, iter_loaded, list_images
+from .core.imagefiles import as_items, is_image_file, iter_loaded, list_images
 from .errors import DatasetError, PatchCoreError
 from .inference import (
     THRESHOLD_OVERRIDDEN,
@@ -64,15 +64,6 @@ Progress = Callable[[str, int, int], None]
 
 
 # ------------------------------------------------------------------------------------------ data folders
-def _header_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(height, width) from an image file's header; None where it cannot be read."""
-    try:
-        w, h = check_image_file(path)
-    except PatchCoreError:
-        return None
-    return h, w
-
-
 def good_images(data: str | os.PathLike) -> tuple[list[Path], str]:
     """The good images of ``data`` and the layout they were found in: an MVTec category (its train/good/), a
     folder layout (its good/) or a folder of good images. Raises DatasetError when there are none."""
@@ -300,7 +291,10 @@ def fit_folder(data: str | os.PathLike, output: str | os.PathLike, params: dict[
     info = model.fit_info_
     from .report import input_in_words, left_out_in_words, suspects_in_words
 
-    fitted = [size for size in (_header_size(p) for p in goods) if size is not None]
+    fitted = []
+    for item in as_items(goods):
+        with contextlib.suppress(PatchCoreError):  # a skipped unreadable image has no size to count
+            fitted.append(item.size())
     median = (int(np.median([s[0] for s in fitted])), int(np.median([s[1] for s in fitted]))) if fitted else None
 
     return {
